@@ -1,0 +1,8 @@
+"""Attention kernels for sliced-head (nested) attention.
+
+The model calls only :func:`kernels.attention.sliced_attention`; which implementation runs is
+decided there. Importing this package never touches a GPU driver.
+"""
+from kernels.attention import BACKENDS, resolve_backend, sliced_attention
+
+__all__ = ["BACKENDS", "resolve_backend", "sliced_attention"]

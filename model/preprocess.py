@@ -1,0 +1,59 @@
+"""Preprocessing as data (stored in checkpoint metadata) plus the one function that applies it."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    size: int = 224  # center crop, the model's input side
+    resize: int = 248  # short side before cropping (size / crop_pct)
+    crop_pct: float = 0.9
+    interpolation: str = "bicubic"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    channels: int = 3  # 3 = RGB, 1 = grayscale
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+
+
+IMAGENET_EVAL = Preprocess()
+FASHION_MNIST = Preprocess(
+    size=28, resize=28, crop_pct=1.0, interpolation="bilinear", mean=(0.2860,), std=(0.3530,), channels=1
+)
+
+
+def preprocess_image(image: Image.Image, cfg: Preprocess) -> torch.Tensor:
+    """PIL image -> normalised float tensor (C, size, size): resize short side, center crop."""
+    image = image.convert("RGB" if cfg.channels == 3 else "L")
+    w, h = image.size
+    scale = cfg.resize / min(w, h)
+    new_w, new_h = max(cfg.size, round(w * scale)), max(cfg.size, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), INTERPOLATIONS[cfg.interpolation])
+    left, top = (new_w - cfg.size) // 2, (new_h - cfg.size) // 2
+    image = image.crop((left, top, left + cfg.size, top + cfg.size))
+    array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W) or (H, W, 3)
+    tensor = torch.from_numpy(array.reshape(cfg.size, cfg.size, cfg.channels)).permute(2, 0, 1)
+    mean = torch.tensor(cfg.mean).view(-1, 1, 1)
+    std = torch.tensor(cfg.std).view(-1, 1, 1)
+    return (tensor - mean) / std  # (C, size, size)

@@ -1,0 +1,177 @@
+"""Training: the authors' joint loss (equal-weighted mean of per-stage cross-entropies), AdamW with
+warm-up and cosine decay, label smoothing, batched tensor augmentation. Resumable per epoch."""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from model.checkpoint import build_metadata, save_checkpoint
+from model.data import ImageDataset
+from model.preprocess import Preprocess
+from model.thinkingvit import ThinkingViT, create_model
+
+
+@dataclass
+class TrainSettings:
+    preset: str = "fmnist-3-6"
+    epochs: int = 24
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    pad_crop: int = 2  # random crop after padding by this many pixels
+    hflip: bool = True
+    erase_prob: float = 0.0
+    seed: int = 0
+    threads: int = 0  # 0 = torch's default
+    freeze_alpha: bool = False  # ablation: no token recycling (alpha fixed at 0)
+    eval_every: int = 1
+
+
+def normalise(images_u8: torch.Tensor, pre: Preprocess) -> torch.Tensor:
+    mean = torch.tensor(pre.mean).view(1, -1, 1, 1)
+    std = torch.tensor(pre.std).view(1, -1, 1, 1)
+    return (images_u8.float() / 255.0 - mean) / std
+
+
+def augment(x: torch.Tensor, s: TrainSettings, gen: torch.Generator) -> torch.Tensor:
+    """Padded random crop, horizontal flip and random erasing on a normalised batch (B, C, H, W)."""
+    B, C, H, W = x.shape
+    p = s.pad_crop
+    if p:
+        padded = F.pad(x, (p, p, p, p), value=float(x.min()))  # (B, C, H+2p, W+2p)
+        dy = torch.randint(0, 2 * p + 1, (B,), generator=gen)
+        dx = torch.randint(0, 2 * p + 1, (B,), generator=gen)
+        rows = (dy[:, None] + torch.arange(H))[:, None, :, None]  # (B, 1, H, 1)
+        cols = (dx[:, None] + torch.arange(W))[:, None, None, :]  # (B, 1, 1, W)
+        x = padded[torch.arange(B)[:, None, None, None], torch.arange(C)[None, :, None, None], rows, cols]
+    if s.hflip:
+        flip = torch.rand(B, generator=gen) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    if s.erase_prob:
+        erase = torch.rand(B, generator=gen) < s.erase_prob
+        eh = torch.randint(H // 6, H // 2 + 1, (B,), generator=gen)
+        ew = torch.randint(W // 6, W // 2 + 1, (B,), generator=gen)
+        y0 = (torch.rand(B, generator=gen) * (H - eh + 1)).long()
+        x0 = (torch.rand(B, generator=gen) * (W - ew + 1)).long()
+        ys, xs = torch.arange(H)[None, :], torch.arange(W)[None, :]
+        in_y = (ys >= y0[:, None]) & (ys < (y0 + eh)[:, None])  # (B, H)
+        in_x = (xs >= x0[:, None]) & (xs < (x0 + ew)[:, None])  # (B, W)
+        mask = erase[:, None, None] & in_y[:, :, None] & in_x[:, None, :]  # (B, H, W)
+        noise = torch.randn(x.shape, generator=gen)
+        x = torch.where(mask[:, None], noise, x)
+    return x
+
+
+def lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.inference_mode()
+def stage_accuracies(model: ThinkingViT, data: ImageDataset, pre: Preprocess, batch: int = 1000) -> list[float]:
+    model.eval()
+    device = next(model.parameters()).device
+    correct = torch.zeros(model.num_stages, device=device)
+    for i in range(0, len(data), batch):
+        x = normalise(data.images[i : i + batch], pre).to(device)
+        y = data.labels[i : i + batch].to(device)
+        for s, logits in enumerate(model(x)):
+            correct[s] += (logits.argmax(-1) == y).sum()
+    return (correct / len(data) * 100).tolist()
+
+
+def machine_description() -> str:
+    return f"{platform.machine()} {platform.processor() or 'cpu'}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def train(
+    settings: TrainSettings,
+    train_data: ImageDataset,
+    test_data: ImageDataset,
+    preprocess: Preprocess,
+    output: Path,
+    max_steps: int | None = None,
+    progress: bool = True,
+    device: str = "cpu",
+) -> dict:
+    """Train and write ``output`` (our checkpoint) plus ``output.state.pt`` to resume from."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    model = create_model(settings.preset).to(device)
+    model.alpha.requires_grad_(not settings.freeze_alpha)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.lr,
+    )
+    steps_per_epoch = len(train_data) // settings.batch_size
+    total_steps = steps_per_epoch * settings.epochs
+    warmup = int(settings.warmup_epochs * steps_per_epoch)
+    state_path = output.with_suffix(".state.pt")
+    start_epoch, history, elapsed = 0, [], 0.0
+    if state_path.exists():
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        if state["settings"] != asdict(settings):
+            raise ValueError(f"{state_path}: saved with other settings; delete it to start over")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, history, elapsed = state["epoch"], state["history"], state["elapsed"]
+        print(f"resuming from {state_path} at epoch {start_epoch}")
+    step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, settings.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        gen = torch.Generator().manual_seed(settings.seed * 1000 + epoch)
+        order = torch.randperm(len(train_data), generator=gen)
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{settings.epochs}", disable=not progress)
+        for i in bar:
+            idx = order[i * settings.batch_size : (i + 1) * settings.batch_size]
+            x = augment(normalise(train_data.images[idx], preprocess), settings, gen).to(device)
+            y = train_data.labels[idx].to(device)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total_steps, warmup, settings.lr)
+            losses = [F.cross_entropy(logits, y, label_smoothing=settings.label_smoothing) for logits in model(x)]
+            loss = sum(losses) / len(losses)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{(i + 1) * settings.batch_size / bar.format_dict['elapsed']:.0f}"
+                            if bar.format_dict["elapsed"] else "")
+            if max_steps is not None and step >= max_steps:
+                break
+        elapsed += time.perf_counter() - t0
+        accs = stage_accuracies(model, test_data, preprocess)
+        alphas = [round(a.item(), 4) for a in model.alpha]
+        history.append({"epoch": epoch + 1, "loss": round(loss.item(), 4), "test_acc": [round(a, 2) for a in accs],
+                        "alpha": alphas, "elapsed_s": round(elapsed, 1)})
+        print(f"epoch {epoch + 1}: loss {loss.item():.4f}  test acc per stage "
+              + " / ".join(f"{a:.2f}%" for a in accs) + f"  alpha {alphas}  {elapsed / 60:.1f} min", flush=True)
+        torch.save({"settings": asdict(settings), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "epoch": epoch + 1, "history": history, "elapsed": elapsed}, state_path)
+        if max_steps is not None and step >= max_steps:
+            break
+    summary = {
+        "settings": asdict(settings), "history": history, "train_seconds": round(elapsed, 1),
+        "machine": machine_description(), "threads": torch.get_num_threads(),
+        "final_test_acc": history[-1]["test_acc"] if history else None,
+    }
+    metadata = build_metadata(model, settings.preset, class_names=train_data.class_names,
+                              preprocess=preprocess.to_dict(), training=summary)
+    save_checkpoint(output, model.cpu(), metadata)
+    return summary

@@ -1,0 +1,1 @@
+"""The HTTP service: settings, scheduler, worker, FastAPI app, metrics, CLI."""
