@@ -26,6 +26,69 @@ def cmd_info(args) -> int:
     return 0
 
 
+def load_dataset(args, split: str, size: int, channels: int):
+    from model.data import FASHION_MNIST_DIR, load_fashion_mnist, load_image_folder
+
+    if args.image_folder:
+        return load_image_folder(f"{args.image_folder}/{split}", size, channels)
+    return load_fashion_mnist(split, args.data_dir or FASHION_MNIST_DIR)
+
+
+def cmd_train(args) -> int:
+    from dataclasses import fields
+    from pathlib import Path
+
+    from model.preprocess import FASHION_MNIST, Preprocess
+    from model.thinkingvit import get_config
+    from model.train import TrainSettings, train
+
+    settings = TrainSettings(**{f.name: getattr(args, f.name) for f in fields(TrainSettings)})
+    cfg = get_config(settings.preset)
+    if args.image_folder:
+        pre = Preprocess(size=cfg.img_size, resize=cfg.img_size, crop_pct=1.0, interpolation="bilinear",
+                         mean=(0.5,) * cfg.in_chans, std=(0.5,) * cfg.in_chans, channels=cfg.in_chans)
+    else:
+        pre = FASHION_MNIST
+    train_data = load_dataset(args, "train", cfg.img_size, cfg.in_chans)
+    test_data = load_dataset(args, "test", cfg.img_size, cfg.in_chans)
+    summary = train(settings, train_data, test_data, pre, Path(args.output), max_steps=args.max_steps)
+    print(json.dumps({"output": args.output, "final_test_acc": summary["final_test_acc"],
+                      "train_seconds": summary["train_seconds"]}))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.evaluate import calibration_profile, default_thresholds, sweep, write_outputs
+
+    loaded = load_checkpoint(args.checkpoint, preset=args.preset)
+    cfg = loaded.model.config
+    data = load_dataset(args, "test", cfg.img_size, cfg.in_chans)
+    if args.subset:
+        data = data.subset(args.subset)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    thresholds = sorted(set(default_thresholds()) | set(args.threshold or []))
+    result = sweep(loaded.model, data, loaded.preprocess, thresholds, speed_images=args.speed_images)
+    paths = write_outputs(result, Path(args.out_dir), title=f"{Path(args.checkpoint).name}: accuracy vs compute")
+    if args.write_calibration:
+        metadata = {**loaded.metadata, "calibration": calibration_profile(result, f"test[:{len(data)}]")}
+        save_checkpoint(args.checkpoint, loaded.model, metadata)
+    print(json.dumps({"stage_accuracy": result["stage_accuracy"],
+                      "within_tolerance_threshold": result["within_tolerance_threshold"],
+                      "outputs": [str(p) for p in paths]}))
+    return 0
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="folder of the Fashion-MNIST IDX files (default: Debian's)")
+    p.add_argument("--image-folder", help="own data instead: FOLDER/train/<class>/*.png and FOLDER/test/<class>/*")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thinkingvit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -33,6 +96,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--preset", help="config for checkpoints without metadata (else inferred)")
     p.set_defaults(func=cmd_info)
+
+    from model.train import TrainSettings
+
+    defaults = TrainSettings()
+    p = sub.add_parser("train", help="train a ThinkingViT (Fashion-MNIST by default); resumable")
+    p.add_argument("--preset", default=defaults.preset)
+    p.add_argument("--epochs", type=int, default=defaults.epochs)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    p.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs)
+    p.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
+    p.add_argument("--pad-crop", type=int, default=defaults.pad_crop)
+    p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=defaults.hflip)
+    p.add_argument("--erase-prob", type=float, default=defaults.erase_prob)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--threads", type=int, default=defaults.threads, help="torch threads (0 = default)")
+    p.add_argument("--freeze-alpha", action="store_true", help="ablation: no token recycling")
+    p.add_argument("--eval-every", type=int, default=defaults.eval_every)
+    p.add_argument("--max-steps", type=int, help="stop early (smoke runs)")
+    p.add_argument("--output", default="runs/model.safetensors")
+    add_data_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="threshold sweep on the test split: JSON, CSV and a plot")
+    p.add_argument("checkpoint")
+    p.add_argument("--preset")
+    p.add_argument("--out-dir", default="runs/eval")
+    p.add_argument("--subset", type=int, help="only the first N test images")
+    p.add_argument("--speed-images", type=int, default=2000, help="images timed per threshold")
+    p.add_argument("--threshold", type=float, action="append", help="extra thresholds to evaluate")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--write-calibration", action="store_true", help="store the sweep in the checkpoint")
+    add_data_arguments(p)
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -1,0 +1,105 @@
+"""Training (loss goes down, deterministic resume), data loading and the threshold sweep."""
+from __future__ import annotations
+
+import csv
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import create_model
+from model.checkpoint import load_checkpoint
+from model.data import load_fashion_mnist, load_image_folder, read_idx
+from model.evaluate import calibration_profile, default_thresholds, sweep, threshold_within, write_outputs
+from model.preprocess import FASHION_MNIST
+from model.train import TrainSettings, normalise, train
+
+SETTINGS = TrainSettings(preset="fmnist-3-6", epochs=2, batch_size=32, lr=2e-3, warmup_epochs=0.5, threads=1)
+
+
+@pytest.fixture(scope="module")
+def fmnist():
+    return load_fashion_mnist("train").subset(640), load_fashion_mnist("test").subset(200)
+
+
+def test_fashion_mnist_loads_from_debian_files():
+    test = load_fashion_mnist("test")
+    assert test.images.shape == (10_000, 1, 28, 28) and test.images.dtype == torch.uint8
+    assert test.labels[:5].tolist() == [9, 2, 1, 1, 6]
+    assert test.class_names[9] == "Ankle boot"
+
+
+def test_missing_dataset_names_the_debian_package(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        load_fashion_mnist("train", tmp_path)
+
+
+def test_image_folder_loader(tmp_path):
+    from PIL import Image
+
+    for name, color in (("cats", 10), ("dogs", 200)):
+        (tmp_path / name).mkdir()
+        for i in range(2):
+            Image.new("RGB", (40, 30), (color, color, color)).save(tmp_path / name / f"{i}.png")
+    data = load_image_folder(tmp_path, size=16)
+    assert data.images.shape == (4, 3, 16, 16)
+    assert data.labels.tolist() == [0, 0, 1, 1] and data.class_names == ["cats", "dogs"]
+
+
+def train_loss(model, data) -> float:
+    with torch.no_grad():
+        logits = model.eval()(normalise(data.images, FASHION_MNIST))
+    return sum(F.cross_entropy(l, data.labels).item() for l in logits) / len(logits)
+
+
+def test_training_lowers_the_loss(tmp_path, fmnist):
+    train_data, test_data = fmnist
+    out = tmp_path / "m.safetensors"
+    summary = train(replace(SETTINGS, epochs=1), train_data, test_data, FASHION_MNIST, out, progress=False)
+    loaded = load_checkpoint(out)
+    torch.manual_seed(SETTINGS.seed)  # the same initial weights train() starts from
+    initial = train_loss(create_model(SETTINGS.preset), train_data)
+    assert train_loss(loaded.model, train_data) < initial - 0.2
+    assert loaded.metadata["training"]["machine"] and summary["train_seconds"] > 0
+    assert loaded.class_names[0] == "T-shirt/top" and loaded.preprocess == FASHION_MNIST
+
+
+def test_resume_continues_exactly_where_it_stopped(tmp_path, fmnist, capsys):
+    train_data, test_data = fmnist
+    steps_per_epoch = len(train_data) // SETTINGS.batch_size
+    interrupted = tmp_path / "interrupted.safetensors"
+    train(SETTINGS, train_data, test_data, FASHION_MNIST, interrupted, max_steps=steps_per_epoch, progress=False)
+    assert torch.load(interrupted.with_suffix(".state.pt"), weights_only=True)["epoch"] == 1
+    resumed = train(SETTINGS, train_data, test_data, FASHION_MNIST, interrupted, progress=False)
+    assert "resuming" in capsys.readouterr().out
+    straight = tmp_path / "straight.safetensors"
+    train(SETTINGS, train_data, test_data, FASHION_MNIST, straight, progress=False)
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+    a, b = load_checkpoint(interrupted).model.state_dict(), load_checkpoint(straight).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sweep_writes_all_outputs_and_a_calibration_profile(tmp_path, fmnist):
+    _, test_data = fmnist
+    torch.manual_seed(0)
+    model = create_model("fmnist-3-6").eval()
+    result = sweep(model, test_data, FASHION_MNIST, speed_images=64, progress=False)
+    assert len(result["rows"]) >= 23 and result["rows"][0]["threshold"] == 0.0 and result["rows"][-1]["threshold"] == 1.0
+    assert result["rows"][0]["exit_share"] == [1.0, 0.0] and result["rows"][-1]["exit_share"] == [0.0, 1.0]
+    assert result["rows"][-1]["accuracy"] == pytest.approx(result["stage_accuracy"][-1])
+    paths = write_outputs(result, tmp_path / "eval")
+    assert all(p.stat().st_size > 0 for p in paths)
+    with paths[1].open() as f:
+        assert len(list(csv.DictReader(f))) == len(default_thresholds())
+    profile = calibration_profile(result, "test[:200]")
+    assert set(profile["rows"][0]) == {"threshold", "accuracy", "exit_share", "expected_gmacs"}
+    assert threshold_within(result["rows"], 101.0) is None
+    assert threshold_within(result["rows"], 0.0) == 0.0  # cheapest: everyone leaves after stage 1
+
+
+def test_idx_reader_rejects_other_files(tmp_path):
+    bad = tmp_path / "x-idx3-ubyte"
+    bad.write_bytes(b"\x01\x02\x03\x04rest")
+    with pytest.raises(ValueError, match="IDX"):
+        read_idx(bad)
