@@ -1,7 +1,8 @@
 """One entry point for attention over the first k heads of a packed qkv tensor.
 
 The model produces qkv in the head-major layout ``(B, N, k, 3, hd)`` (rows re-ordered once at load
-time, see ``model.thinkingvit.Attention``). Backends:
+time, see ``model.thinkingvit.Attention``); the authors' ``(B, N, 3, k, hd)`` and full-width buffers
+of which only the first k heads are read are accepted too (:func:`qkv_views`). Backends:
 
 - ``sdpa``: PyTorch scaled_dot_product_attention on strided views (no explicit copies);
 - ``triton``: our Triton kernel, reading q/k/v straight from the packed tensor (CUDA, or CPU
@@ -57,31 +58,47 @@ def _triton_available() -> bool:
     return True
 
 
-def split_heads(qkv: torch.Tensor, num_heads: int, head_dim: int):
-    """Strided q, k, v views ``(B, k, N, hd)`` of a head-major packed tensor; nothing is copied."""
-    B, N, _ = qkv.shape
-    qkv = qkv.view(B, N, num_heads, 3, head_dim)  # (B, N, k, 3, hd)
-    q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each (B, k, N, hd)
-    return q, k, v
+LAYOUTS = ("head_major", "qkv_major")
 
 
-def sdpa_attention(qkv: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
-    B, N, _ = qkv.shape
-    q, k, v = split_heads(qkv, num_heads, head_dim)
+def qkv_views(qkv: torch.Tensor, num_heads: int, head_dim: int, layout: str = "head_major"):
+    """Strided q, k, v views ``(B, N, k, hd)`` of the first ``num_heads`` heads; nothing is copied.
+
+    ``qkv`` is ``(B, N, 3*H*hd)`` for any H >= k (a stage's own output, or a full-width buffer),
+    possibly batch- or token-strided. ``head_major`` is the model's row order ``(H, 3, hd)``;
+    ``qkv_major`` the authors' ``(3, H, hd)`` (a sliced GEMM over per-block weight slices).
+    """
+    if layout == "head_major":
+        t = qkv.unflatten(-1, (-1, 3, head_dim))[:, :, :num_heads]  # (B, N, k, 3, hd)
+        return t.unbind(3)
+    if layout == "qkv_major":
+        t = qkv.unflatten(-1, (3, -1, head_dim))[:, :, :, :num_heads]  # (B, N, 3, k, hd)
+        return t.unbind(2)
+    raise ValueError(f"unknown qkv layout {layout!r}: expected one of {LAYOUTS}")
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Reference path: PyTorch SDPA on the strided ``(B, N, k, hd)`` views; returns ``(B, N, k*hd)``."""
+    B, N, H, hd = q.shape
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # each (B, k, N, hd), still strided
     out = F.scaled_dot_product_attention(q, k, v)  # (B, k, N, hd)
-    return out.transpose(1, 2).reshape(B, N, num_heads * head_dim)  # (B, N, k*hd)
+    return out.transpose(1, 2).reshape(B, N, H * hd)  # (B, N, k*hd)
 
 
 def sliced_attention(
-    qkv: torch.Tensor, num_heads: int, head_dim: int, backend: str | None = None
+    qkv: torch.Tensor,
+    num_heads: int,
+    head_dim: int,
+    backend: str | None = None,
+    layout: str = "head_major",
 ) -> torch.Tensor:
-    """Attention of ``num_heads`` heads from packed head-major qkv ``(B, N, 3*k*hd)``.
+    """Attention of the first ``num_heads`` heads of packed qkv ``(B, N, 3*H*hd)``, H >= k.
 
     Returns ``(B, N, k*hd)``, heads concatenated token-major, as the output projection reads it.
     """
-    impl = resolve_backend(backend, qkv.device)
-    if impl == "triton":
-        from kernels.triton_attention import triton_sliced_attention
+    q, k, v = qkv_views(qkv, num_heads, head_dim, layout)  # each (B, N, k, hd)
+    if resolve_backend(backend, qkv.device) == "triton":
+        from kernels.triton_attention import triton_attention
 
-        return triton_sliced_attention(qkv.view(*qkv.shape[:2], num_heads, 3, head_dim))
-    return sdpa_attention(qkv, num_heads, head_dim)
+        return triton_attention(q, k, v)
+    return sdpa_attention(q, k, v)
