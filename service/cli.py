@@ -89,6 +89,40 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-folder", help="own data instead: FOLDER/train/<class>/*.png and FOLDER/test/<class>/*")
 
 
+def cmd_serve(args) -> int:
+    import logging
+
+    from pydantic import ValidationError
+
+    from service.app import run_server
+    from service.settings import Settings
+
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        print(f"thinkingvit serve: invalid settings: {problems}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    run_server(settings)
+    return 0
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field; unset flags leave the THINKINGVIT_* variable or the default."""
+    from service.settings import Settings
+
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = f"THINKINGVIT_{name.upper()}"
+        help_text = f"{field.description} (env {env}, default {field.default})"
+        if isinstance(field.default, list):
+            parser.add_argument(flag, nargs="+", help=help_text, default=argparse.SUPPRESS)
+        else:
+            parser.add_argument(flag, help=help_text, default=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thinkingvit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-calibration", action="store_true", help="store the sweep in the checkpoint")
     add_data_arguments(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("serve", help="serve a checkpoint over HTTP (see docs/serving.md)")
+    add_settings_arguments(p)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

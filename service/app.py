@@ -1,0 +1,148 @@
+"""The FastAPI application: ``create_app(settings)`` and ``run_server(settings)``.
+
+The lifespan owns everything with a lifetime: it loads the checkpoint, builds the scheduler, the
+worker and the engine, warms up every stage (only then is the server ready) and stops them on exit.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from model.checkpoint import load_checkpoint
+from service.deps import Runtime
+from service.engine import Engine, Hooks
+from service.errors import ServiceError, invalid
+from service.metrics import ServiceMetrics
+from service.routes import classify_router, health_router, model_router
+from service.scheduler import Scheduler, SchedulerConfig
+from service.served_model import ServedModel
+from service.settings import Settings
+from service.worker import Worker, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, hooks: Hooks = Hooks()) -> FastAPI:
+    """A new app with its own metrics registry; nothing is loaded until the lifespan starts."""
+    app = FastAPI(
+        title="ThinkingViT serve",
+        summary="Image classification with stage-aware early exit",
+        lifespan=lambda app: lifespan(app, settings, hooks),
+    )
+    app.state.metrics = ServiceMetrics()
+    for router in (classify_router, model_router, health_router):
+        app.include_router(router)
+    app.add_exception_handler(ServiceError, service_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected_error)
+    return app
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI, settings: Settings, hooks: Hooks) -> AsyncIterator[None]:
+    metrics: ServiceMetrics = app.state.metrics
+    engine, model = await asyncio.to_thread(build_engine, settings, metrics, hooks)
+    decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="thinkingvit-decode")
+    app.state.runtime = Runtime(settings, metrics, model, engine, decode_pool)
+    engine.start()
+    log.info("serving %s on %s: ready", settings.checkpoint.name, engine.worker.device)
+    try:
+        yield
+    finally:
+        await engine.stop()
+        decode_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def build_engine(settings: Settings, metrics: ServiceMetrics, hooks: Hooks) -> tuple[Engine, ServedModel]:
+    """Load, warm up every stage, and wire scheduler, worker and engine (blocking; off the loop)."""
+    device = resolve_device(settings.device)
+    loaded = load_checkpoint(settings.checkpoint, preset=settings.preset, device=device)
+    loaded.model.set_attention_backend(settings.attention_backend)
+    model = ServedModel.from_checkpoint(settings.checkpoint.name, loaded)
+    num_stages = model.num_stages
+    config = SchedulerConfig(
+        num_stages=num_stages,
+        max_batch_sizes=settings.per_stage("max_batch_size", num_stages),
+        max_wait_s=tuple(ms / 1000 for ms in settings.per_stage("max_wait_ms", num_stages)),
+        max_queue_size=settings.max_queue_size,
+    )
+    worker = Worker(loaded.model, device, settings.autocast, hooks.before_batch)
+    worker.submit(worker.warm_up, config.max_batch_sizes).result()
+    metrics.init_stages(num_stages)
+    engine = Engine(
+        Scheduler(config), worker, metrics, model.exit_gmacs, model.stage_gmacs,
+        retry_after_s=settings.retry_after_s, hooks=hooks,
+    )  # fmt: skip
+    return engine, model
+
+
+# ---------------------------------------------------------------------------------- errors
+
+
+def error_response(error: ServiceError) -> JSONResponse:
+    headers = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s is not None else None
+    return JSONResponse(error.to_json(), status_code=error.status, headers=headers)
+
+
+async def service_error(request: Request, error: ServiceError) -> JSONResponse:
+    request.app.state.metrics.record_failure(error.outcome, error.reason)
+    return error_response(error)
+
+
+async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(f"{e['loc'][-1]}: {e['msg']}" for e in error.errors())
+    return await service_error(request, invalid(422, "invalid_parameter", problems))
+
+
+async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+    reason = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+    body = {"error": {"status": error.status_code, "reason": reason, "message": str(error.detail)}}
+    return JSONResponse(body, status_code=error.status_code, headers=error.headers)
+
+
+async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s", request.url.path)
+    body = {"error": {"status": 500, "reason": "internal", "message": f"{type(error).__name__}: {error}"}}
+    return JSONResponse(body, status_code=500)
+
+
+# ---------------------------------------------------------------------------------- server
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, plus: the first SIGTERM/SIGINT turns readiness off and refuses new work at once."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI):
+        super().__init__(config)
+        self.app = app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        runtime: Runtime | None = getattr(self.app.state, "runtime", None)
+        if runtime is not None:
+            runtime.engine.begin_drain_threadsafe()
+        super().handle_exit(sig, frame)
+
+
+def run_server(settings: Settings, app: FastAPI | None = None) -> None:
+    """Serve until SIGTERM; in-flight requests get ``drain_grace_s`` to finish."""
+    app = app or create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=settings.drain_grace_s,
+    )
+    DrainingServer(config, app).run()
+

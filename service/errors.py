@@ -1,0 +1,51 @@
+"""The service's failures as one exception type: HTTP status, metric labels and a clear message."""
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """A classification that cannot be answered.
+
+    ``outcome`` labels ``thinkingvit_requests_total``; ``reason`` (refusals before any queue only)
+    labels ``thinkingvit_rejections_total``. Both come from the fixed tuples in ``metrics``.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        outcome: str,
+        reason: str | None = None,
+        retry_after_s: int | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message = status, message
+        self.outcome, self.reason = outcome, reason
+        self.retry_after_s = retry_after_s
+
+    def to_json(self) -> dict:
+        return {"error": {"status": self.status, "reason": self.reason or self.outcome, "message": self.message}}
+
+
+def invalid(status: int, reason: str, message: str) -> ServiceError:
+    """Bad client input (413, 415, 422): refused before reaching a queue."""
+    return ServiceError(status, message, outcome="invalid", reason=reason)
+
+
+def refused(status: int, reason: str, message: str, retry_after_s: int) -> ServiceError:
+    """No capacity or shutting down (429, 503): the client may retry later."""
+    return ServiceError(status, message, outcome="rejected", reason=reason, retry_after_s=retry_after_s)
+
+
+def timed_out(timeout_s: float) -> ServiceError:
+    return ServiceError(504, f"no answer within {timeout_s:g} s; the request was dropped", outcome="timeout")
+
+
+def batch_failed(error: BaseException) -> ServiceError:
+    message = f"inference failed for this batch: {type(error).__name__}: {error}"
+    return ServiceError(500, message, outcome="error")
+
+
+def client_gone() -> ServiceError:
+    """The client disconnected; nothing will read the answer (nginx's 499)."""
+    return ServiceError(499, "client closed the request", outcome="cancelled")

@@ -1,0 +1,38 @@
+"""Image bytes -> model input tensor, run in the decode thread pool, never on the event loop."""
+from __future__ import annotations
+
+import io
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from model.preprocess import Preprocess, preprocess_image
+
+
+class ImageError(ValueError):
+    """The upload is not a usable image; the message says why."""
+
+
+def decode_image(data: bytes, cfg: Preprocess, max_pixels: int) -> torch.Tensor:
+    """Decode, check the pixel cap from the header before decompressing, and preprocess.
+
+    PIL's own bomb check (``Image.MAX_IMAGE_PIXELS``, process-wide) stays as a second net; this
+    cap is per server and fires first when smaller.
+    """
+    if not data:
+        raise ImageError("empty image: the body or file part has zero bytes")
+    try:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageError(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+        image.load()
+        return preprocess_image(image, cfg)  # (C, size, size)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"image too large: {e}") from e
+    except UnidentifiedImageError:
+        raise ImageError("not an image in a format the server can read") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError(f"cannot decode image: {e}") from e

@@ -1,0 +1,89 @@
+"""Every Prometheus metric of the service, declared once, in seconds, in one per-app registry.
+
+Label values are bounded: ``stage`` (0-based stage index), ``outcome`` and ``reason`` from the
+fixed tuples below, all pre-initialised so dashboards see zeros instead of gaps.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+NAMESPACE = "thinkingvit"
+OUTCOMES = ("ok", "invalid", "rejected", "timeout", "cancelled", "error")
+REJECTION_REASONS = (
+    "queue_full", "draining", "not_ready",  # capacity: 429, 503
+    "body_too_large", "unsupported_media_type", "invalid_body", "invalid_image", "invalid_parameter",
+)  # fmt: skip
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+GMACS_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 20, 50)
+
+
+class ServiceMetrics:
+    """The service's metrics; stage-labelled series are created by ``init_stages`` after load."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r, ns = self.registry, NAMESPACE
+        self.requests = Counter(
+            "requests", "Classifications (one per image) by outcome.", ["outcome"],
+            namespace=ns, registry=r,
+        )  # fmt: skip
+        self.rejections = Counter(
+            "rejections", "Classifications refused before reaching a queue, by reason.", ["reason"],
+            namespace=ns, registry=r,
+        )  # fmt: skip
+        self.request_latency = Histogram(
+            "request_latency_seconds", "Time from request arrival to answer, successful classifications.",
+            namespace=ns, registry=r, buckets=LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.exits = Counter(
+            "exits", "Classifications answered at each stage (0 = first).", ["stage"],
+            namespace=ns, registry=r,
+        )  # fmt: skip
+        self.queue_wait = Histogram(
+            "queue_wait_seconds", "Time a request waited in a stage's queue.", ["stage"],
+            namespace=ns, registry=r, buckets=LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "batch_size", "Requests per executed stage batch.", ["stage"],
+            namespace=ns, registry=r, buckets=BATCH_SIZE_BUCKETS,
+        )  # fmt: skip
+        self.stage_compute = Histogram(
+            "stage_compute_seconds", "Wall time of one stage batch on the device.", ["stage"],
+            namespace=ns, registry=r, buckets=LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.queue_depth = Gauge(
+            "queue_depth", "Requests waiting in each stage's queue.", ["stage"],
+            namespace=ns, registry=r,
+        )  # fmt: skip
+        self.gmacs = Counter(
+            "gmacs", "Model compute spent on answered requests, in GMACs.", namespace=ns, registry=r,
+        )  # fmt: skip
+        self.request_gmacs = Histogram(
+            "request_gmacs", "Model compute spent per answered request, in GMACs.",
+            namespace=ns, registry=r, buckets=GMACS_BUCKETS,
+        )  # fmt: skip
+        self.ready = Gauge("ready", "1 when the server accepts work.", namespace=ns, registry=r)
+        for outcome in OUTCOMES:
+            self.requests.labels(outcome)
+        for reason in REJECTION_REASONS:
+            self.rejections.labels(reason)
+
+    def init_stages(self, num_stages: int) -> None:
+        for stage in map(str, range(num_stages)):
+            for metric in (self.exits, self.queue_wait, self.batch_size, self.stage_compute):
+                metric.labels(stage)
+            self.queue_depth.labels(stage).set(0)
+
+    def record_failure(self, outcome: str, reason: str | None = None) -> None:
+        """One classification that got no answer; ``reason`` when refused before any queue."""
+        self.requests.labels(outcome).inc()
+        if reason is not None:
+            self.rejections.labels(reason).inc()
+
+    def record_success(self, latency_s: float) -> None:
+        self.requests.labels("ok").inc()
+        self.request_latency.observe(latency_s)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,72 @@
+"""Reading image uploads from a request: content type, body size limit, multipart parts."""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import Request
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from service.errors import invalid
+
+MULTIPART = "multipart/form-data"
+
+
+@dataclass(frozen=True)
+class Upload:
+    data: bytes
+    filename: str | None = None
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused with 413 as soon as it (or its declared length) passes ``limit``."""
+    too_large = invalid(413, "body_too_large", f"request body exceeds the {limit}-byte limit")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_uploads(request: Request, limit: int, max_files: int, raw_allowed: bool) -> list[Upload]:
+    """Every file part of a multipart body, in order; or, if ``raw_allowed``, an image/* body."""
+    media = media_type(request)
+    if media == MULTIPART:
+        return await _read_multipart(request, limit, max_files)
+    if raw_allowed and media.startswith("image/"):
+        return [Upload(await read_body(request, limit))]
+    expected = "multipart/form-data with a 'file' part, or an image/* body" if raw_allowed else (
+        "multipart/form-data with one file part per image"
+    )
+    raise invalid(415, "unsupported_media_type", f"expected {expected}; got {media or 'no content type'}")
+
+
+async def _read_multipart(request: Request, limit: int, max_files: int) -> list[Upload]:
+    body = await read_body(request, limit)
+    parser = MultiPartParser(request.headers, _once(body), max_files=max_files, max_fields=max_files)
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        raise invalid(422, "invalid_body", f"bad multipart body: {e.message}") from None
+    try:
+        files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+        uploads = [Upload(await f.read(), f.filename) for f in files]
+    finally:
+        await form.close()
+    if not uploads:
+        raise invalid(422, "invalid_body", "the multipart body has no file part (send the image as 'file')")
+    return uploads
+
+
+async def _once(body: bytes) -> AsyncIterator[bytes]:
+    yield body
