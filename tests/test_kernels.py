@@ -25,6 +25,11 @@ TOL = {F32: 1e-5, F16: 2e-3, BF16: 1e-2}  # atol = rtol; bf16 through fp32 tiles
 SMALL = KernelConfig(32, 32, 4, 1)  # many query and key tiles even at small N
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
 def make_qkv(B, N, k, hd, layout, dtype, heads=None, tokens=None, qk_scale=1.0):
     """Packed qkv ``(B, N, 3*H*hd)`` (a view of a NaN-filled ``(B, tokens, ...)`` buffer when
     ``tokens > N``) whose first k heads are random and whose other heads are NaN; q and k are
@@ -82,7 +87,8 @@ def test_large_logits_stay_finite_and_exact(dtype, config):
     these inputs is the same as the kernel's, ~3e-5).
     """
     q, k, v = qkv_views(make_qkv(2, 65, 2, 64, "head_major", dtype, qk_scale=6.0), 2, 64)
-    logits = q.double() @ k.double().transpose(-1, -2) / 8  # (B, N, k, k): any pair's scale is fine
+    qh, kh = (t.double().transpose(1, 2) for t in (q, k))  # each (B, k, N, hd)
+    logits = qh @ kh.transpose(-1, -2) / 8  # (B, k, N, N)
     assert logits.abs().max() > 100
     out = triton_attention(q, k, v, config=config)
     assert torch.isfinite(out).all()
@@ -112,6 +118,17 @@ def test_no_holes(N):
     assert triton_attention(q, k_, v, out=out, config=SMALL) is out
     assert torch.isfinite(out).all()
     assert_matches(out, q, k_, v)
+
+
+def test_misaligned_views_after_aligned():
+    """Same shapes, but base pointer and token stride off 16 bytes: the binary kept for the
+    aligned call must not be reused (the launch cache keys on alignment, as Triton does)."""
+    k, hd = 2, 16
+    aligned = make_qkv(2, 33, k, hd, "head_major", F32)
+    misaligned = torch.randn(2, 33, 3 * k * hd + 1, device=DEVICE)[..., 1:]  # 4 bytes in, odd stride
+    for qkv in (aligned, misaligned, aligned):
+        q, k_, v = qkv_views(qkv, k, hd)
+        assert_matches(triton_attention(q, k_, v), q, k_, v)
 
 
 def test_sliced_attention_dispatch_matches_sdpa():
