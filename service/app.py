@@ -135,7 +135,9 @@ class DrainingServer(uvicorn.Server):
 
 
 def run_server(settings: Settings, app: FastAPI | None = None) -> None:
-    """Serve until SIGTERM; in-flight requests get ``drain_grace_s`` to finish."""
+    """Serve until SIGTERM; in-flight requests get ``drain_grace_s`` to finish. The process entry:
+    it configures logging for the ``service`` loggers too."""
+    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     app = app or create_app(settings)
     config = uvicorn.Config(
         app,

@@ -90,23 +90,25 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args) -> int:
-    import logging
-
     from pydantic import ValidationError
 
     from service.app import run_server
-    from service.settings import Settings
 
-    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
     try:
-        settings = Settings(**overrides)
+        settings = serve_settings(args)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         print(f"thinkingvit serve: invalid settings: {problems}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     run_server(settings)
     return 0
+
+
+def serve_settings(args):
+    """Settings from the flags given; the rest from THINKINGVIT_* variables or the defaults."""
+    from service.settings import Settings
+
+    return Settings(**{k: v for k, v in vars(args).items() if k in Settings.model_fields})
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:

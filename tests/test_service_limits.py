@@ -1,0 +1,184 @@
+"""Limits and failure behaviour over real HTTP: bad input, 429, 504, disconnects, faults, drain.
+
+Queue states are made deterministic by holding the worker in its first batch (``WorkerGate``)
+and waiting on admission and abort hooks, never on sleeps.
+"""
+from __future__ import annotations
+
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import WorkerGate, metric_value, png_bytes
+
+
+def post_image(url: str, data: bytes, **params) -> httpx.Response:
+    return httpx.post(f"{url}/classify", params=params, files={"file": ("a.png", data, "image/png")}, timeout=60)
+
+
+def assert_error(response: httpx.Response, status: int, reason: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["status"] == status and error["message"]
+    if reason:
+        assert error["reason"] == reason
+    return error
+
+
+@pytest.fixture
+def background():
+    with ThreadPoolExecutor(8) as pool:
+        yield pool
+
+
+# ---------------------------------------------------------------------------------- bad input
+
+
+BAD_PARAMS = [
+    {"threshold": ""}, {"threshold": "nan"}, {"threshold": "-0.1"}, {"threshold": "1.5"},
+    {"threshold": "abc"}, {"threshold": "inf"}, {"top_k": ""}, {"top_k": "0"}, {"top_k": "-1"},
+    {"top_k": "x"}, {"top_k": "11"}, {"timeout_ms": "-5"}, {"timeout_ms": "nan"},
+]  # fmt: skip
+
+
+def test_bad_inputs_are_4xx_and_do_not_disturb_the_server(start_server, test_images):
+    server = start_server(max_body_bytes=4096, max_image_pixels=32 * 32)
+    url, good = server.url, test_images[0]
+    truncated = good[: len(good) // 2]
+    large = png_bytes(np.zeros((40, 40), dtype=np.uint8))  # over the pixel cap, tiny on the wire
+    for data in (b"", b"this is not an image", truncated, large):
+        assert_error(post_image(url, data), 422, "invalid_image")
+    for params in BAD_PARAMS:
+        error = assert_error(post_image(url, good, **params), 422, "invalid_parameter")
+        assert next(iter(params)) in error["message"]
+    assert_error(post_image(url, b"\0" * 5000), 413, "body_too_large")
+    chunked = httpx.post(
+        f"{url}/classify", content=iter([b"\0" * 3000, b"\0" * 3000]), headers={"content-type": "image/png"}
+    )
+    assert_error(chunked, 413, "body_too_large")
+    for headers in ({"content-type": "text/plain"}, {"content-type": "application/json"}, {}):
+        assert_error(httpx.post(f"{url}/classify", content=good, headers=headers), 415, "unsupported_media_type")
+    text_only = b'--b\r\nContent-Disposition: form-data; name="field"\r\n\r\nvalue\r\n--b--\r\n'
+    no_file = httpx.post(f"{url}/classify", content=text_only, headers={"content-type": "multipart/form-data; boundary=b"})
+    assert_error(no_file, 422, "invalid_body")
+    garbled = httpx.post(f"{url}/classify", content=b"garbage", headers={"content-type": "multipart/form-data"})
+    assert_error(garbled, 422, "invalid_body")
+    two = httpx.post(f"{url}/classify", files=[("file", ("a.png", good)), ("file", ("b.png", good))])
+    assert_error(two, 422, "invalid_body")
+    assert_error(httpx.get(f"{url}/no/such/route"), 404, "not_found")
+    assert_error(httpx.get(f"{url}/classify"), 405)
+    assert post_image(url, good, threshold=0.5).status_code == 200
+    metrics = httpx.get(f"{url}/metrics").text
+    assert metric_value(metrics, "thinkingvit_requests_total", outcome="error") == 0
+    assert metric_value(metrics, "thinkingvit_rejections_total", reason="invalid_image") == 4
+
+
+def test_batch_limits(start_server, test_images):
+    server = start_server(max_batch_images=2)
+    files = [("files", (f"{i}.png", test_images[i], "image/png")) for i in range(3)]
+    assert_error(httpx.post(f"{server.url}/classify/batch", files=files), 422, "invalid_body")
+    raw = httpx.post(f"{server.url}/classify/batch", content=test_images[0], headers={"content-type": "image/png"})
+    assert_error(raw, 415)
+
+
+# ---------------------------------------------------------------------------------- capacity and time
+
+
+def test_queue_full_is_429_with_retry_after(start_server, test_images, background):
+    gate = WorkerGate(hold=True)
+    server = start_server(gate.hooks(), max_queue_size=2, max_batch_size=[1], max_wait_ms=[0.0], retry_after_s=3)
+    first = background.submit(post_image, server.url, test_images[0])
+    gate.wait_held()  # request 0 is in the worker, the queue is empty
+    queued = [background.submit(post_image, server.url, image) for image in test_images[1:3]]
+    gate.wait_admitted(3)  # the queue holds 2: full
+    refused = post_image(server.url, test_images[3])
+    assert_error(refused, 429, "queue_full")
+    assert refused.headers["retry-after"] == "3"
+    gate.release()
+    assert [f.result().status_code for f in [first, *queued]] == [200, 200, 200]
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert metric_value(metrics, "thinkingvit_rejections_total", reason="queue_full") == 1
+
+
+def test_timeout_is_504_and_the_request_is_never_computed(start_server, test_images, background):
+    gate = WorkerGate(hold=True)
+    server = start_server(gate.hooks(), max_batch_size=[1], max_wait_ms=[0.0])
+    first = background.submit(post_image, server.url, test_images[0])
+    gate.wait_held()
+    assert_error(post_image(server.url, test_images[1], timeout_ms=50), 504, "timeout")
+    assert gate.aborted == [1]
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert metric_value(metrics, "thinkingvit_queue_depth", stage="0") == 0
+    gate.release()
+    assert first.result().status_code == 200
+    assert post_image(server.url, test_images[2]).status_code == 200  # request 2
+    assert gate.computed() == {0, 2}
+
+
+def test_client_disconnect_cancels_the_request(start_server, test_images, background):
+    gate = WorkerGate(hold=True)
+    server = start_server(gate.hooks(), max_batch_size=[1], max_wait_ms=[0.0])
+    first = background.submit(post_image, server.url, test_images[0])
+    gate.wait_held()
+    body = test_images[1]
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        head = f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n"
+        client.sendall(head.encode() + body)
+        gate.wait_admitted(2)
+    gate.wait_aborted(1)
+    gate.release()
+    assert first.result().status_code == 200
+    assert post_image(server.url, test_images[2]).status_code == 200
+    assert gate.aborted == [1] and gate.computed() == {0, 2}
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert metric_value(metrics, "thinkingvit_requests_total", outcome="cancelled") == 1
+
+
+# ---------------------------------------------------------------------------------- faults
+
+
+def test_exception_in_a_batch_fails_only_that_batch(start_server, test_images, background):
+    gate = WorkerGate(hold=True, fail_first=True)
+    server = start_server(gate.hooks(), max_batch_size=[1], max_wait_ms=[0.0])
+    first = background.submit(post_image, server.url, test_images[0])
+    gate.wait_held()
+    others = [background.submit(post_image, server.url, image) for image in test_images[1:3]]
+    gate.wait_admitted(3)
+    gate.release()
+    error = assert_error(first.result(), 500, "error")
+    assert "injected fault" in error["message"]
+    assert [f.result().status_code for f in others] == [200, 200]
+    assert post_image(server.url, test_images[3]).status_code == 200
+    assert server.app.state.runtime.engine.worker.carried == {}
+
+
+def test_no_carried_tokens_leak(start_server, test_images):
+    server = start_server()
+    files = [("files", (f"{i}.png", image, "image/png")) for i, image in enumerate(test_images[:8])]
+    assert httpx.post(f"{server.url}/classify/batch", params={"threshold": 1}, files=files).status_code == 200
+    assert server.app.state.runtime.engine.worker.carried == {}
+
+
+# ---------------------------------------------------------------------------------- drain
+
+
+def test_drain_turns_readiness_off_and_finishes_in_flight_work(start_server, test_images, background):
+    gate = WorkerGate(hold=True)
+    server = start_server(gate.hooks(), max_batch_size=[1], max_wait_ms=[0.0])
+    first = background.submit(post_image, server.url, test_images[0])
+    gate.wait_held()
+    with httpx.Client(base_url=server.url) as client:
+        assert client.get("/readyz").status_code == 200
+        server.app.state.runtime.engine.begin_drain_threadsafe()
+        assert client.get("/readyz").json() == {"status": "draining"}
+        assert client.get("/v2/health/ready").status_code == 503
+        assert client.get("/healthz").status_code == 200
+        refused = client.post("/classify", files={"file": ("a.png", test_images[1], "image/png")})
+        assert_error(refused, 503, "draining")
+        assert "retry-after" in refused.headers
+    gate.release()
+    assert first.result().status_code == 200
