@@ -1,0 +1,410 @@
+"""Deployment files checked without running them: the compose stack as a compose implementation
+renders it (podman-compose) against the Compose Specification's schema, the Prometheus and Grafana
+files against the metrics the service exports, the Kubernetes manifests against Kubernetes' schemas.
+Running the image for real is tests/test_container.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+from functools import cache
+from importlib.resources import files
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+K8S = ROOT / "deploy" / "k8s"
+DASHBOARD = DOCKER / "grafana" / "dashboards" / "thinkingvit.json"
+SERVER_SERVICES = {"single": "thinkingvit", "scale": "thinkingvit-pool"}
+K8S_VERSION = "1.33.0"
+# Grafana's variables, replaced as Grafana would before the query reaches Prometheus.
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$instance": ".*"}
+METRIC_NAME = re.compile(r"\bthinkingvit_[a-zA-Z0-9_]+\b|\bup(?=\{)")
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+@cache
+def exported_series() -> dict[str, set[str]]:
+    """Every sample name the service exposes (``_total``, ``_bucket``, ...) -> its label names."""
+    from service.metrics import ServiceMetrics
+
+    metrics = ServiceMetrics()
+    metrics.init_stages(2)
+    series: dict[str, set[str]] = {"up": set()}
+    for family in metrics.registry.collect():
+        for sample in family.samples:
+            series.setdefault(sample.name, set()).update(sample.labels)
+    return series
+
+
+def render_compose(*files: str, profiles: str = "") -> dict:
+    """The effective configuration, as ``podman-compose config`` merges and interpolates it."""
+    args = [arg for f in files for arg in ("-f", str(DOCKER / f))]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "THINKINGVIT_"))}
+    if profiles:
+        env["COMPOSE_PROFILES"] = profiles
+    out = subprocess.run(
+        ["podman-compose", *args, "config"], capture_output=True, text=True, env=env, cwd=DOCKER, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    return yaml.safe_load(out.stdout)
+
+
+def build_args(service: dict) -> dict[str, str]:
+    """A service's build arguments; compose allows a mapping or a list of NAME=VALUE."""
+    args = service["build"].get("args", {})
+    return dict(a.split("=", 1) for a in args) if isinstance(args, list) else args
+
+
+@cache
+def compose_schema():
+    import jsonschema
+
+    schema = json.loads(files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json").read_text())
+    return jsonschema.validators.validator_for(schema)(schema)
+
+
+def dashboard_targets() -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every query of the dashboard, Grafana's variables substituted."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    out = []
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for name, value in GRAFANA_VARIABLES.items():
+                expr = expr.replace(name, value)
+            out.append((panel["title"], expr))
+    return out
+
+
+def alert_rules() -> list[dict]:
+    rules = yaml.safe_load((DOCKER / "prometheus" / "alerts.yml").read_text())
+    return [rule for group in rules["groups"] for rule in group["rules"]]
+
+
+def unknown_names(expr: str) -> list[str]:
+    """Metric names in ``expr`` the service does not export, and labels no selected metric has."""
+    series = exported_series()
+    names = METRIC_NAME.findall(expr)
+    problems = [n for n in names if n not in series]
+    known_labels = {"job", "instance", *(label for n in names for label in series.get(n, ()))}
+    labels = re.findall(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)", expr)
+    labels += [m for block in re.findall(r"\{([^}]*)\}", expr) for m in re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", block)]
+    used = {label.strip() for group in labels for label in group.split(",") if label.strip()}
+    return problems + [f"label {label}" for label in sorted(used - known_labels)]
+
+
+def promtool_check_rules(tmp_path: Path, exprs: list[str]) -> None:
+    """Prometheus' own parser on every expression (as recording rules, the form promtool reads)."""
+    rules = {"groups": [{"name": "check", "rules": [{"record": f"check:expr{i}", "expr": e} for i, e in enumerate(exprs)]}]}
+    path = tmp_path / "rules.yml"
+    path.write_text(yaml.safe_dump(rules))
+    out = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def k8s_documents() -> list[tuple[str, dict]]:
+    return [(p.name, doc) for p in sorted(K8S.glob("*.yaml")) for doc in yaml.safe_load_all(p.read_text()) if doc]
+
+
+def k8s_object(kind: str, name: str = "thinkingvit") -> dict:
+    (doc,) = [doc for _, doc in k8s_documents() if doc["kind"] == kind and doc["metadata"]["name"] == name]
+    return doc
+
+
+# ------------------------------------------------------------------------------------- compose
+
+
+VARIANTS = {
+    "gpu": (("docker-compose.yml",), "single"),
+    "cpu": (("docker-compose.yml", "docker-compose.cpu.yml"), "single"),
+    "gpu-scale": (("docker-compose.yml",), "scale"),
+    "cpu-scale": (("docker-compose.yml", "docker-compose.cpu.yml"), "scale"),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_compose_matches_the_compose_spec(variant):
+    compose_files, profile = VARIANTS[variant]
+    config = render_compose(*compose_files, profiles=profile)
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in compose_schema().iter_errors(config)]
+    assert not errors, errors
+    expected = {"prometheus", "grafana", SERVER_SERVICES[profile]} | ({"lb"} if profile == "scale" else set())
+    assert set(config["services"]) == expected
+
+
+def test_compose_default_profile_is_a_single_server():
+    """docker/.env selects the "single" profile when the caller sets none."""
+    args = ["podman-compose", "-f", str(DOCKER / "docker-compose.yml"), "config"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}
+    out = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert set(yaml.safe_load(out.stdout)["services"]) == {"thinkingvit", "prometheus", "grafana"}
+
+
+@pytest.mark.parametrize("profile", SERVER_SERVICES)
+def test_gpu_variant_reserves_a_gpu(profile):
+    server = render_compose("docker-compose.yml", profiles=profile)["services"][SERVER_SERVICES[profile]]
+    (device,) = server["deploy"]["resources"]["reservations"]["devices"]
+    assert device["capabilities"] == ["gpu"] and device["driver"] == "nvidia"
+    assert build_args(server)["TORCH_SPEC"].startswith("torch==")
+
+
+@pytest.mark.parametrize("profile", SERVER_SERVICES)
+def test_cpu_variant_drops_the_gpu_and_builds_cpu_torch(profile):
+    server = render_compose("docker-compose.yml", "docker-compose.cpu.yml", profiles=profile)["services"][
+        SERVER_SERVICES[profile]
+    ]
+    assert not server["deploy"]["resources"]["reservations"].get("devices")
+    args = build_args(server)
+    assert args["TORCH_SPEC"].endswith("+cpu") and args["SKIP_DEPS"] == "triton"
+    assert server["environment"]["THINKINGVIT_DEVICE"] == "cpu"
+
+
+def test_server_service_runs_the_image_hardened_and_healthchecked():
+    server = render_compose("docker-compose.yml", profiles="single")["services"]["thinkingvit"]
+    assert server["build"]["dockerfile"] == "docker/Dockerfile"
+    assert (Path(server["build"]["context"]) / server["build"]["dockerfile"]).is_file()
+    assert server["environment"]["THINKINGVIT_HOST"] == "0.0.0.0"
+    assert server["healthcheck"]["test"] == ["CMD", "thinkingvit-healthcheck"]
+    assert server["read_only"] is True and "/tmp" in server["tmpfs"]
+    assert any(v.endswith(":/models:ro") for v in server["volumes"])
+    drain_s = float(server_setting_default("drain_grace_s"))
+    assert float(server["stop_grace_period"].rstrip("s")) > drain_s
+
+
+def server_setting_default(name: str):
+    from service.settings import Settings
+
+    return Settings.model_fields[name].default
+
+
+def settings_from_env(monkeypatch, variables: dict[str, str]):
+    """Settings as the server in a container reads them: from THINKINGVIT_* variables."""
+    from service.settings import Settings
+
+    for name in [n for n in os.environ if n.startswith("THINKINGVIT_")]:
+        monkeypatch.delenv(name)
+    for name, value in variables.items():
+        assert name.startswith("THINKINGVIT_") and name.removeprefix("THINKINGVIT_").lower() in Settings.model_fields
+        monkeypatch.setenv(name, value)
+    return Settings(checkpoint=Path(__file__))
+
+
+def test_env_file_holds_valid_settings(monkeypatch):
+    text = (DOCKER / "thinkingvit.env").read_text()
+    variables = dict(re.findall(r"^(THINKINGVIT_[A-Z_]+)=(.*)$", text, re.M))
+    settings = settings_from_env(monkeypatch, variables)
+    assert settings.max_batch_size == json.loads(variables["THINKINGVIT_MAX_BATCH_SIZE"])
+    commented = re.findall(r"^#\s*THINKINGVIT_([A-Z_]+)=", text, re.M)
+    assert {n.lower() for n in commented} <= set(type(settings).model_fields)
+
+
+def test_scale_profile_balances_every_replica_and_prometheus_scrapes_them():
+    config = render_compose("docker-compose.yml", profiles="scale")
+    pool, lb = config["services"]["thinkingvit-pool"], config["services"]["lb"]
+    assert int(pool["deploy"]["replicas"]) > 1 and "ports" not in pool
+    assert lb["depends_on"]["thinkingvit-pool"]["condition"] == "service_healthy"
+    nginx = (DOCKER / "nginx" / "nginx.conf").read_text()
+    assert re.search(r"server\s+thinkingvit-pool:8000\s+resolve", nginx)
+    prometheus = yaml.safe_load((DOCKER / "prometheus" / "prometheus.yml").read_text())
+    (job,) = [j for j in prometheus["scrape_configs"] if j["job_name"] == "thinkingvit"]
+    (dns,) = job["dns_sd_configs"]
+    assert set(dns["names"]) == set(SERVER_SERVICES.values()) and dns["port"] == 8000
+
+
+def test_compose_bind_mounts_exist():
+    for profile in SERVER_SERVICES:
+        for name, service in render_compose("docker-compose.yml", profiles=profile)["services"].items():
+            for volume in service.get("volumes", []):
+                source = volume.split(":")[0]
+                if source.startswith("."):
+                    assert (DOCKER / source).exists(), f"{name}: {volume}"
+            for env_file in [service["env_file"]] if isinstance(service.get("env_file"), str) else service.get("env_file", []):
+                assert (DOCKER / env_file).is_file(), f"{name}: {env_file}"
+
+
+# ---------------------------------------------------------------------------------- prometheus
+
+
+def test_prometheus_config_passes_promtool(tmp_path):
+    config = (DOCKER / "prometheus" / "prometheus.yml").read_text()
+    shutil.copy(DOCKER / "prometheus" / "alerts.yml", tmp_path / "alerts.yml")
+    (tmp_path / "prometheus.yml").write_text(config.replace("/etc/prometheus/alerts.yml", "alerts.yml"))
+    out = subprocess.run(["promtool", "check", "config", str(tmp_path / "prometheus.yml")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_alerts_use_only_exported_metrics():
+    problems = {rule["alert"]: unknown_names(rule["expr"]) for rule in alert_rules()}
+    assert not any(problems.values()), problems
+
+
+# ------------------------------------------------------------------------------------- grafana
+
+
+def test_dashboard_uses_only_exported_metrics_and_labels():
+    targets = dashboard_targets()
+    assert targets
+    problems = {f"{title}: {expr}": unknown_names(expr) for title, expr in targets}
+    assert not any(problems.values()), {k: v for k, v in problems.items() if v}
+    assert all(METRIC_NAME.search(expr) for _, expr in targets)
+
+
+def test_dashboard_queries_parse(tmp_path):
+    promtool_check_rules(tmp_path, [expr for _, expr in dashboard_targets()])
+
+
+def test_dashboard_shows_what_an_operator_needs():
+    """Exit-stage rates, outcomes, latency quantiles, per-stage batching and queues, GMACs, rejections."""
+    from service.metrics import ServiceMetrics
+
+    m = ServiceMetrics()
+    exprs = [expr for _, expr in dashboard_targets()]
+
+    def shown(name: str, *fragments: str) -> bool:
+        return any(re.search(rf"\b{name}\b", e) and all(f in e for f in fragments) for e in exprs)
+
+    series = lambda metric, suffix="": metric._name + suffix  # noqa: E731 (names from service/metrics.py)
+    assert shown(series(m.exits, "_total"), "by (stage)", "group_left")  # share per stage
+    assert shown(series(m.requests, "_total"), "by (outcome)")
+    for q in ("0.5", "0.95", "0.99"):
+        assert shown(series(m.request_latency, "_bucket"), f"histogram_quantile({q}")
+    assert shown(series(m.batch_size, "_sum"), "by (stage)") and shown(series(m.batch_size, "_count"), "by (stage)")
+    assert shown(series(m.queue_depth), "by (stage)")
+    assert shown(series(m.gmacs, "_total")) and shown(series(m.request_gmacs, "_bucket"))
+    assert shown(series(m.rejections, "_total"), "by (reason)")
+
+
+def test_dashboard_is_provisioned_with_its_data_source():
+    dashboard = json.loads(DASHBOARD.read_text())
+    sources = yaml.safe_load((DOCKER / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    (source,) = sources["datasources"]
+    assert source["url"] == "http://prometheus:9090" and source["type"] == "prometheus"
+    used = {json.dumps(p["datasource"], sort_keys=True) for p in dashboard["panels"] if "datasource" in p}
+    assert used == {json.dumps({"type": "prometheus", "uid": source["uid"]}, sort_keys=True)}
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    assert all(p["gridPos"]["x"] + p["gridPos"]["w"] <= 24 for p in dashboard["panels"])
+    providers = yaml.safe_load((DOCKER / "grafana" / "provisioning" / "dashboards" / "thinkingvit.yml").read_text())
+    grafana = render_compose("docker-compose.yml", profiles="single")["services"]["grafana"]
+    mounted = {v.split(":")[1]: v.split(":")[0] for v in grafana["volumes"]}
+    folder = providers["providers"][0]["options"]["path"]
+    assert (DOCKER / mounted[folder] / DASHBOARD.name).resolve() == DASHBOARD
+
+
+# ---------------------------------------------------------------------------------- kubernetes
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml"))
+def test_k8s_manifest_is_valid(name):
+    import kubernetes_validate
+
+    for doc in yaml.safe_load_all((K8S / name).read_text()):
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_k8s_validator_rejects_a_misspelled_field():
+    """The control for the test above: strict validation does catch a wrong field."""
+    import kubernetes_validate
+
+    deployment = k8s_object("Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {"httpGet": {"path": "/readyz"}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+
+
+def test_kustomization_lists_every_manifest():
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert set(kustomization["resources"]) == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+
+
+def test_k8s_deployment_requests_a_gpu_and_probes_the_served_routes(tiny_checkpoint):
+    from service.app import create_app
+    from service.settings import Settings
+
+    paths = set(create_app(Settings(checkpoint=tiny_checkpoint)).openapi()["paths"])
+    pod = k8s_object("Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert {container[p]["httpGet"]["path"] for p in ("readinessProbe", "livenessProbe", "startupProbe")} <= paths
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert int(env["THINKINGVIT_PORT"]) == container["ports"][0]["containerPort"]
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == dockerfile_uid()
+    drain_s = float(k8s_object("ConfigMap", "thinkingvit-config")["data"]["THINKINGVIT_DRAIN_GRACE_S"])
+    assert pod["terminationGracePeriodSeconds"] > drain_s
+
+
+def dockerfile_uid() -> int:
+    return int(re.search(r"^ARG APP_UID=(\d+)$", (DOCKER / "Dockerfile").read_text(), re.M)[1])
+
+
+def test_k8s_configmap_holds_valid_settings(monkeypatch):
+    data = k8s_object("ConfigMap", "thinkingvit-config")["data"]
+    settings = settings_from_env(monkeypatch, data)
+    assert settings.default_threshold == float(data["THINKINGVIT_DEFAULT_THRESHOLD"])
+
+
+def test_k8s_service_and_hpa_target_the_deployment():
+    deployment, service, hpa = (k8s_object(k) for k in ("Deployment", "Service", "HorizontalPodAutoscaler"))
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
+
+
+def test_hpa_scales_on_an_exported_per_replica_metric():
+    from service.metrics import ServiceMetrics
+
+    queue_depth = ServiceMetrics().queue_depth._name
+    hpa = k8s_object("HorizontalPodAutoscaler")
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == queue_depth
+    adapter = k8s_object("ConfigMap", "thinkingvit-adapter-rules")
+    (rule,) = yaml.safe_load(adapter["data"]["config.yaml"])["rules"]
+    assert rule["name"]["as"] == queue_depth and rule["seriesQuery"].startswith(queue_depth + "{")
+    assert queue_depth in exported_series()
+
+
+# ------------------------------------------------------------------------------------ the image
+
+
+def test_image_copies_every_package_the_project_installs():
+    """A package added to pyproject.toml must reach the image, its build context and its ignore list."""
+    includes = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = sorted({p.rstrip("*") for p in includes})
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    ignore = (DOCKER / "Dockerfile.dockerignore").read_text().split()
+    script = (DOCKER / "podman-build-cpu.sh").read_text()
+    for package in packages:
+        assert (ROOT / package).is_dir()
+        assert re.search(rf"^COPY {package} /src/{package}$", dockerfile, re.M), package
+        assert f"!{package}/" in ignore, package
+        assert re.search(rf"\b{package}\b", script), package
+
+
+def test_healthcheck_asks_the_configured_port_over_loopback(monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("healthcheck", DOCKER / "healthcheck.py")
+    healthcheck = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(healthcheck)
+    monkeypatch.setenv("THINKINGVIT_HOST", "0.0.0.0")
+    monkeypatch.setenv("THINKINGVIT_PORT", "9123")
+    assert healthcheck.readyz_url() == "http://127.0.0.1:9123/readyz"
+    monkeypatch.setenv("THINKINGVIT_HOST", "::1")
+    assert healthcheck.readyz_url() == "http://[::1]:9123/readyz"
+    monkeypatch.setenv("THINKINGVIT_PORT", "1")  # nothing listens on port 1
+    assert healthcheck.main() == 1
