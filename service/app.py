@@ -3,6 +3,7 @@
 The lifespan owns everything with a lifetime: it loads the checkpoint, builds the scheduler, the
 worker and the engine, warms up every stage (only then is the server ready) and stops them on exit.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -32,8 +33,9 @@ from service.worker import Worker, resolve_device
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, hooks: Hooks = Hooks()) -> FastAPI:
+def create_app(settings: Settings, hooks: Hooks | None = None) -> FastAPI:
     """A new app with its own metrics registry; nothing is loaded until the lifespan starts."""
+    hooks = hooks or Hooks()
     app = FastAPI(
         title="ThinkingViT serve",
         summary="Image classification with stage-aware early exit",
@@ -147,4 +149,3 @@ def run_server(settings: Settings, app: FastAPI | None = None) -> None:
         timeout_graceful_shutdown=settings.drain_grace_s,
     )
     DrainingServer(config, app).run()
-

@@ -1,4 +1,5 @@
 """Shared request dependencies: the runtime the lifespan built, and the classify parameters."""
+
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor

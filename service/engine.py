@@ -4,6 +4,7 @@ Handlers call ``classify()``; it registers a future, adds the request to the sch
 One loop task schedules a batch, runs it on the worker thread, applies the exit decisions and
 resolves the futures of finished requests. The scheduler is touched only on the event loop.
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -1,4 +1,5 @@
 """The service's failures as one exception type: HTTP status, metric labels and a clear message."""
+
 from __future__ import annotations
 
 
@@ -24,7 +25,8 @@ class ServiceError(Exception):
         self.retry_after_s = retry_after_s
 
     def to_json(self) -> dict:
-        return {"error": {"status": self.status, "reason": self.reason or self.outcome, "message": self.message}}
+        reason = self.reason or self.outcome
+        return {"error": {"status": self.status, "reason": reason, "message": self.message}}
 
 
 def invalid(status: int, reason: str, message: str) -> ServiceError:

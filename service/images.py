@@ -1,4 +1,5 @@
 """Image bytes -> model input tensor, run in the decode thread pool, never on the event loop."""
+
 from __future__ import annotations
 
 import io
@@ -25,7 +26,8 @@ def decode_image(data: bytes, cfg: Preprocess, max_pixels: int) -> torch.Tensor:
         image = Image.open(io.BytesIO(data))
         width, height = image.size
         if width * height > max_pixels:
-            raise ImageError(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+            pixels = width * height
+            raise ImageError(f"image is {width}x{height} = {pixels} pixels; the limit is {max_pixels}")
         image.load()
         return preprocess_image(image, cfg)  # (C, size, size)
     except ImageError:

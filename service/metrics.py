@@ -3,6 +3,7 @@
 Label values are bounded: ``stage`` (0-based stage index), ``outcome`` and ``reason`` from the
 fixed tuples below, all pre-initialised so dashboards see zeros instead of gaps.
 """
+
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest

@@ -1,4 +1,5 @@
 """HTTP routes, one router per resource: classification, model description, health, metrics."""
+
 from __future__ import annotations
 
 import asyncio
@@ -11,11 +12,19 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.engine import Answer
 from service.deps import ClassifyParams, ParamsDep, Runtime, RuntimeDep
+from service.engine import Answer
 from service.errors import ServiceError, client_gone, invalid
 from service.images import ImageError, decode_image
-from service.schemas import BatchItem, BatchResponse, Classification, ErrorDetail, ErrorResponse, TopClass, Timings
+from service.schemas import (
+    BatchItem,
+    BatchResponse,
+    Classification,
+    ErrorDetail,
+    ErrorResponse,
+    Timings,
+    TopClass,
+)
 from service.served_model import cheapest_threshold
 from service.uploads import Upload, read_uploads
 
@@ -39,7 +48,9 @@ BATCH_BODY = {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
-                    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                    "properties": {
+                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                    },
                 }
             }
         },
@@ -100,9 +111,7 @@ async def answer(runtime: Runtime, upload: Upload, params: ClassifyParams, start
     return to_response(runtime, result, params, total_s)
 
 
-def to_response(
-    runtime: Runtime, result: Answer, params: ClassifyParams, total_s: float
-) -> Classification:
+def to_response(runtime: Runtime, result: Answer, params: ClassifyParams, total_s: float) -> Classification:
     names, probs = runtime.model.class_names, result.probabilities
     best = heapq.nlargest(params.top_k, range(len(probs)), key=probs.__getitem__)
     stage = result.exit_stage

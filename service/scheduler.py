@@ -9,6 +9,7 @@ has waited the stage's max wait (Triton's dynamic batcher: the wait applies only
 batch can be formed). Among due queues a later stage goes first, because its requests already paid
 for the earlier stages and hold carried tokens on the device; otherwise the fullest due queue goes.
 """
+
 from __future__ import annotations
 
 import enum

@@ -1,4 +1,5 @@
 """Response bodies of the HTTP API (pydantic models, so the OpenAPI docs show them)."""
+
 from __future__ import annotations
 
 from pydantic import BaseModel, Field

@@ -1,4 +1,5 @@
 """What the API says about the loaded model: classes, stages, compute, calibration."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ class ServedModel:
     exit_gmacs: tuple[float, ...]  # compute of a request that exits at each stage
 
     @classmethod
-    def from_checkpoint(cls, name: str, loaded: LoadedCheckpoint) -> "ServedModel":
+    def from_checkpoint(cls, name: str, loaded: LoadedCheckpoint) -> ServedModel:
         cfg = loaded.model.config
         return cls(
             checkpoint=name,

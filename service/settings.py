@@ -1,4 +1,5 @@
 """Every server setting in one place; each is also read from a ``THINKINGVIT_<NAME>`` variable."""
+
 from __future__ import annotations
 
 import math
@@ -38,7 +39,9 @@ class Settings(BaseSettings):
         [2.0], description="max wait of a partial batch per stage: one value, or one per stage"
     )
     max_queue_size: int = Field(256, ge=1, description="waiting requests before 429")
-    request_timeout_s: float = Field(30.0, gt=0, allow_inf_nan=False, description="per-request deadline (504 after it)")
+    request_timeout_s: float = Field(
+        30.0, gt=0, allow_inf_nan=False, description="per-request deadline (504 after it)"
+    )
     retry_after_s: int = Field(1, ge=0, description="Retry-After header sent with 429 and 503")
     max_body_bytes: int = Field(10 * 2**20, ge=1, description="request body limit (413 above)")
     max_image_pixels: int = Field(
@@ -47,7 +50,10 @@ class Settings(BaseSettings):
     max_batch_images: int = Field(64, ge=1, description="images per POST /classify/batch")
     decode_threads: int = Field(2, ge=1, description="threads decoding and preprocessing images")
     drain_grace_s: float = Field(
-        30.0, ge=0, allow_inf_nan=False, description="on SIGTERM, how long in-flight requests may take before exit"
+        30.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="on SIGTERM, how long in-flight requests may take before exit",
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="server log level"

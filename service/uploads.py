@@ -1,4 +1,5 @@
 """Reading image uploads from a request: content type, body size limit, multipart parts."""
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
@@ -45,8 +46,10 @@ async def read_uploads(request: Request, limit: int, max_files: int, raw_allowed
         return await _read_multipart(request, limit, max_files)
     if raw_allowed and media.startswith("image/"):
         return [Upload(await read_body(request, limit))]
-    expected = "multipart/form-data with a 'file' part, or an image/* body" if raw_allowed else (
-        "multipart/form-data with one file part per image"
+    expected = (
+        "multipart/form-data with a 'file' part, or an image/* body"
+        if raw_allowed
+        else ("multipart/form-data with one file part per image")
     )
     raise invalid(415, "unsupported_media_type", f"expected {expected}; got {media or 'no content type'}")
 

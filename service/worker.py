@@ -5,6 +5,7 @@ blocks on compute and the carried-token store needs no lock. Jobs run in submiss
 sentinel stops the thread. The thread is a daemon so a batch stuck past the drain grace period
 cannot keep the process alive.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,5 @@
 """Service fixtures: a tiny random checkpoint, test images, and real uvicorn servers on loopback."""
+
 from __future__ import annotations
 
 import io
@@ -78,7 +79,7 @@ def start_server(tiny_checkpoint) -> Iterator[Callable[..., Server]]:
 
     servers: list[Server] = []
 
-    def start(hooks: Hooks = Hooks(), **overrides) -> Server:
+    def start(hooks: Hooks | None = None, **overrides) -> Server:
         settings = Settings(**{"checkpoint": tiny_checkpoint, **overrides})
         app = create_app(settings, hooks)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

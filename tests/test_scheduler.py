@@ -1,4 +1,5 @@
 """The scheduler alone: no torch, no HTTP, a fake clock and a fake executor."""
+
 from __future__ import annotations
 
 import random

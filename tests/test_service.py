@@ -1,4 +1,5 @@
 """Served answers against the offline model, over real HTTP to a real uvicorn on loopback."""
+
 from __future__ import annotations
 
 import asyncio
@@ -10,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model.checkpoint import build_metadata, load_checkpoint, save_checkpoint
+from model.checkpoint import load_checkpoint, save_checkpoint
 from model.compute import cumulative_gmacs
 from model.inference import adaptive_inference
 from model.preprocess import preprocess_image
@@ -25,7 +26,9 @@ CONF_TOLERANCE = 1e-6  # batch composition changes float rounding (~1e-7 here)
 def offline(tiny_checkpoint, test_images):
     """The reference: the model's own preprocessing and adaptive_inference on one batch."""
     loaded = load_checkpoint(tiny_checkpoint)
-    images = torch.stack([preprocess_image(Image.open(io.BytesIO(b)), loaded.preprocess) for b in test_images])
+    images = torch.stack(
+        [preprocess_image(Image.open(io.BytesIO(b)), loaded.preprocess) for b in test_images]
+    )
     return loaded.model, images
 
 
@@ -83,7 +86,9 @@ def test_concurrent_mixed_thresholds_equal_offline(start_server, test_images, of
     releaser = asyncio.to_thread(lambda: (gate.wait_admitted(len(test_images)), gate.release()))
 
     async def scenario():
-        served, _ = await asyncio.gather(classify_concurrently(server.url, test_images, mixed_thresholds), releaser)
+        served, _ = await asyncio.gather(
+            classify_concurrently(server.url, test_images, mixed_thresholds), releaser
+        )
         return served
 
     served = asyncio.run(scenario())
@@ -105,7 +110,9 @@ def test_concurrent_mixed_thresholds_equal_offline(start_server, test_images, of
 
 def test_threshold_zero_exits_every_image_at_stage_0(start_server, test_images, offline):
     server = start_server()
-    response = httpx.post(f"{server.url}/classify/batch", params={"threshold": 0}, files=batch_files(test_images))
+    response = httpx.post(
+        f"{server.url}/classify/batch", params={"threshold": 0}, files=batch_files(test_images)
+    )
     served = [item["result"] for item in response.json()["results"]]
     assert {a["exit_stage"] for a in served} == {0}
     assert {a["heads_used"] for a in served} == {2}
@@ -114,7 +121,9 @@ def test_threshold_zero_exits_every_image_at_stage_0(start_server, test_images, 
 
 def test_threshold_one_runs_every_stage(start_server, test_images, offline, tiny_checkpoint):
     server = start_server()
-    response = httpx.post(f"{server.url}/classify/batch", params={"threshold": 1}, files=batch_files(test_images))
+    response = httpx.post(
+        f"{server.url}/classify/batch", params={"threshold": 1}, files=batch_files(test_images)
+    )
     served = [item["result"] for item in response.json()["results"]]
     gmacs = cumulative_gmacs(offline[0].config)
     assert {a["exit_stage"] for a in served} == {1}
@@ -125,7 +134,9 @@ def test_threshold_one_runs_every_stage(start_server, test_images, offline, tiny
 
 def test_response_fields_and_defaults(start_server, test_images):
     server = start_server(default_threshold=0.3, default_top_k=3)
-    answer = httpx.post(f"{server.url}/classify", files={"file": ("a.png", test_images[0], "image/png")}).json()
+    answer = httpx.post(
+        f"{server.url}/classify", files={"file": ("a.png", test_images[0], "image/png")}
+    ).json()
     assert answer["threshold"] == 0.3
     assert len(answer["top_k"]) == 3
     assert answer["top_k"][0]["class_index"] == answer["class_index"]

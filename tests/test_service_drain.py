@@ -1,4 +1,5 @@
 """SIGTERM on a real server process: readiness off, no new work, in-flight finishes, exit in time."""
+
 from __future__ import annotations
 
 import re

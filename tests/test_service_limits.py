@@ -3,6 +3,7 @@
 Queue states are made deterministic by holding the worker in its first batch (``WorkerGate``)
 and waiting on admission and abort hooks, never on sleeps.
 """
+
 from __future__ import annotations
 
 import socket
@@ -16,7 +17,9 @@ from tests.conftest import WorkerGate, metric_value, png_bytes
 
 
 def post_image(url: str, data: bytes, **params) -> httpx.Response:
-    return httpx.post(f"{url}/classify", params=params, files={"file": ("a.png", data, "image/png")}, timeout=60)
+    return httpx.post(
+        f"{url}/classify", params=params, files={"file": ("a.png", data, "image/png")}, timeout=60
+    )
 
 
 def assert_error(response: httpx.Response, status: int, reason: str | None = None) -> dict:
@@ -60,11 +63,17 @@ def test_bad_inputs_are_4xx_and_do_not_disturb_the_server(start_server, test_ima
     )
     assert_error(chunked, 413, "body_too_large")
     for headers in ({"content-type": "text/plain"}, {"content-type": "application/json"}, {}):
-        assert_error(httpx.post(f"{url}/classify", content=good, headers=headers), 415, "unsupported_media_type")
+        assert_error(
+            httpx.post(f"{url}/classify", content=good, headers=headers), 415, "unsupported_media_type"
+        )
     text_only = b'--b\r\nContent-Disposition: form-data; name="field"\r\n\r\nvalue\r\n--b--\r\n'
-    no_file = httpx.post(f"{url}/classify", content=text_only, headers={"content-type": "multipart/form-data; boundary=b"})
+    no_file = httpx.post(
+        f"{url}/classify", content=text_only, headers={"content-type": "multipart/form-data; boundary=b"}
+    )
     assert_error(no_file, 422, "invalid_body")
-    garbled = httpx.post(f"{url}/classify", content=b"garbage", headers={"content-type": "multipart/form-data"})
+    garbled = httpx.post(
+        f"{url}/classify", content=b"garbage", headers={"content-type": "multipart/form-data"}
+    )
     assert_error(garbled, 422, "invalid_body")
     two = httpx.post(f"{url}/classify", files=[("file", ("a.png", good)), ("file", ("b.png", good))])
     assert_error(two, 422, "invalid_body")
@@ -80,7 +89,9 @@ def test_batch_limits(start_server, test_images):
     server = start_server(max_batch_images=2)
     files = [("files", (f"{i}.png", test_images[i], "image/png")) for i in range(3)]
     assert_error(httpx.post(f"{server.url}/classify/batch", files=files), 422, "invalid_body")
-    raw = httpx.post(f"{server.url}/classify/batch", content=test_images[0], headers={"content-type": "image/png"})
+    raw = httpx.post(
+        f"{server.url}/classify/batch", content=test_images[0], headers={"content-type": "image/png"}
+    )
     assert_error(raw, 415)
 
 
@@ -89,7 +100,9 @@ def test_batch_limits(start_server, test_images):
 
 def test_queue_full_is_429_with_retry_after(start_server, test_images, background):
     gate = WorkerGate(hold=True)
-    server = start_server(gate.hooks(), max_queue_size=2, max_batch_size=[1], max_wait_ms=[0.0], retry_after_s=3)
+    server = start_server(
+        gate.hooks(), max_queue_size=2, max_batch_size=[1], max_wait_ms=[0.0], retry_after_s=3
+    )
     first = background.submit(post_image, server.url, test_images[0])
     gate.wait_held()  # request 0 is in the worker, the queue is empty
     queued = [background.submit(post_image, server.url, image) for image in test_images[1:3]]
@@ -126,7 +139,10 @@ def test_client_disconnect_cancels_the_request(start_server, test_images, backgr
     body = test_images[1]
     port = int(server.url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port)) as client:
-        head = f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n"
+        head = (
+            "POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
         client.sendall(head.encode() + body)
         gate.wait_admitted(2)
     gate.wait_aborted(1)

@@ -1,4 +1,5 @@
 """Settings, environment variables, the serve command's flags, and startup checks."""
+
 from __future__ import annotations
 
 import pytest
