@@ -184,7 +184,7 @@ def triton_attention(
         UPCAST=INTERPRETED and q.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
-    _launch((triton.cdiv(N, cfg.block_m), B * H), args, constexprs, cfg)
+    _launch((triton.cdiv(N, cfg.block_m), B * H, 1), args, constexprs, cfg)
     return out
 
 
@@ -201,13 +201,13 @@ def _spec(arg) -> tuple:
     return (type(arg),)
 
 
-def _launch(grid: tuple[int, int], args: tuple, constexprs: dict, cfg: KernelConfig) -> None:
+def _launch(grid: tuple[int, int, int], args: tuple, constexprs: dict, cfg: KernelConfig) -> None:
     """Launch, skipping Triton's per-call argument binder once the binary for a key is known.
 
     The binder costs ~10-30 us of Python per launch (triton-lang/triton#6064), which shows end to
     end when the model is launch-bound (small batches, eager). The first launch per key goes
     through ``kernel[grid]`` (compiling if needed); later ones hand the kept binary the same
-    positional arguments ``JITFunction.run`` would.
+    positional arguments ``JITFunction.run`` would (its runner wants all three grid dimensions).
     """
     key = (args[0].device, cfg, *constexprs.values(), *map(_spec, args))
     kernel = _COMPILED.get(key)
