@@ -19,7 +19,6 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -72,7 +71,7 @@ def timings(request):
 
 
 def run(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
     if check and out.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {out.returncode}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return out
@@ -105,7 +104,8 @@ def image(timings) -> str:
     if missing:
         pytest.fail(f"{', '.join(missing)} not installed: run scripts/install (the container tests need them)")
     started = time.monotonic()
-    out = subprocess.run([str(DOCKER / "podman-build-cpu.sh"), IMAGE], capture_output=True, text=True, timeout=1200)
+    build = [str(DOCKER / "podman-build-cpu.sh"), IMAGE]
+    out = subprocess.run(build, capture_output=True, text=True, timeout=1200, check=False)
     timings.add("image build", started)
     assert out.returncode == 0, f"image build failed:\n{out.stdout[-6000:]}\n{out.stderr[-3000:]}"
     return IMAGE
@@ -126,7 +126,8 @@ def user_checkpoint(tmp_path_factory) -> Path:
         model = create_model("fmnist-3-6")
     folder = tmp_path_factory.mktemp("models")
     path = folder / "user.safetensors"
-    metadata = build_metadata(model, "fmnist-3-6", class_names=list(FASHION_MNIST_CLASSES), preprocess=FASHION_MNIST.to_dict())
+    classes = list(FASHION_MNIST_CLASSES)
+    metadata = build_metadata(model, "fmnist-3-6", class_names=classes, preprocess=FASHION_MNIST.to_dict())
     save_checkpoint(path, model, metadata)
     folder.chmod(0o755)
     path.chmod(0o644)
@@ -202,12 +203,8 @@ def prometheus(servers, tmp_path_factory, timings):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     started = time.monotonic()
-    log = open(folder / "prometheus.log", "w")
-    proc = subprocess.Popen(
-        ["prometheus", f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    command = ["prometheus", f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
+               f"--web.listen-address=127.0.0.1:{port}"]  # fmt: skip
 
     def query(promql: str) -> list[dict]:
         response = httpx.get(url + "/api/v1/query", params={"query": promql}, timeout=5)
@@ -215,23 +212,25 @@ def prometheus(servers, tmp_path_factory, timings):
         assert body["status"] == "success", (promql, body)
         return body["data"]["result"]
 
-    def targets_up():
-        if proc.poll() is not None:
-            pytest.fail(f"prometheus exited:\n{(folder / 'prometheus.log').read_text()[-3000:]}")
-        try:  # 503 until its storage is open
-            ready = httpx.get(url + "/-/ready", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-        return ready and len(query('up{job="thinkingvit"} == 1')) == len(targets)
+    with open(folder / "prometheus.log", "w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
-    try:
-        poll(targets_up, SCRAPE_DEADLINE_S, "prometheus scraping every replica")
-        timings.add("prometheus up", started)
-        yield query
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+        def targets_up():
+            if proc.poll() is not None:
+                pytest.fail(f"prometheus exited:\n{(folder / 'prometheus.log').read_text()[-3000:]}")
+            try:  # 503 until its storage is open
+                ready = httpx.get(url + "/-/ready", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+            return ready and len(query('up{job="thinkingvit"} == 1')) == len(targets)
+
+        try:
+            poll(targets_up, SCRAPE_DEADLINE_S, "prometheus scraping every replica")
+            timings.add("prometheus up", started)
+            yield query
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
 
 
 def png(image) -> bytes:

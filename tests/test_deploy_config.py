@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from functools import cache
 from importlib.resources import files
@@ -53,9 +54,8 @@ def render_compose(*files: str, profiles: str = "") -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "THINKINGVIT_"))}
     if profiles:
         env["COMPOSE_PROFILES"] = profiles
-    out = subprocess.run(
-        ["podman-compose", *args, "config"], capture_output=True, text=True, env=env, cwd=DOCKER, timeout=60
-    )
+    command = [sys.executable, "-m", "podman_compose", *args, "config"]
+    out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=DOCKER, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     return yaml.safe_load(out.stdout)
 
@@ -99,17 +99,19 @@ def unknown_names(expr: str) -> list[str]:
     problems = [n for n in names if n not in series]
     known_labels = {"job", "instance", *(label for n in names for label in series.get(n, ()))}
     labels = re.findall(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)", expr)
-    labels += [m for block in re.findall(r"\{([^}]*)\}", expr) for m in re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", block)]
+    matchers = re.findall(r"\{([^}]*)\}", expr)
+    labels += [m for block in matchers for m in re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", block)]
     used = {label.strip() for group in labels for label in group.split(",") if label.strip()}
     return problems + [f"label {label}" for label in sorted(used - known_labels)]
 
 
 def promtool_check_rules(tmp_path: Path, exprs: list[str]) -> None:
     """Prometheus' own parser on every expression (as recording rules, the form promtool reads)."""
-    rules = {"groups": [{"name": "check", "rules": [{"record": f"check:expr{i}", "expr": e} for i, e in enumerate(exprs)]}]}
+    records = [{"record": f"check:expr{i}", "expr": e} for i, e in enumerate(exprs)]
+    rules = {"groups": [{"name": "check", "rules": records}]}
     path = tmp_path / "rules.yml"
     path.write_text(yaml.safe_dump(rules))
-    out = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True)
+    out = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -145,9 +147,9 @@ def test_compose_matches_the_compose_spec(variant):
 
 def test_compose_default_profile_is_a_single_server():
     """docker/.env selects the "single" profile when the caller sets none."""
-    args = ["podman-compose", "-f", str(DOCKER / "docker-compose.yml"), "config"]
+    args = [sys.executable, "-m", "podman_compose", "-f", str(DOCKER / "docker-compose.yml"), "config"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}
-    out = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+    out = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     assert set(yaml.safe_load(out.stdout)["services"]) == {"thinkingvit", "prometheus", "grafana"}
 
@@ -203,10 +205,10 @@ def settings_from_env(monkeypatch, variables: dict[str, str]):
 
 def test_env_file_holds_valid_settings(monkeypatch):
     text = (DOCKER / "thinkingvit.env").read_text()
-    variables = dict(re.findall(r"^(THINKINGVIT_[A-Z_]+)=(.*)$", text, re.M))
+    variables = dict(re.findall(r"^(THINKINGVIT_[A-Z_]+)=(.*)$", text, re.MULTILINE))
     settings = settings_from_env(monkeypatch, variables)
     assert settings.max_batch_size == json.loads(variables["THINKINGVIT_MAX_BATCH_SIZE"])
-    commented = re.findall(r"^#\s*THINKINGVIT_([A-Z_]+)=", text, re.M)
+    commented = re.findall(r"^#\s*THINKINGVIT_([A-Z_]+)=", text, re.MULTILINE)
     assert {n.lower() for n in commented} <= set(type(settings).model_fields)
 
 
@@ -230,7 +232,8 @@ def test_compose_bind_mounts_exist():
                 source = volume.split(":")[0]
                 if source.startswith("."):
                     assert (DOCKER / source).exists(), f"{name}: {volume}"
-            for env_file in [service["env_file"]] if isinstance(service.get("env_file"), str) else service.get("env_file", []):
+            env_files = service.get("env_file", [])
+            for env_file in [env_files] if isinstance(env_files, str) else env_files:
                 assert (DOCKER / env_file).is_file(), f"{name}: {env_file}"
 
 
@@ -241,7 +244,8 @@ def test_prometheus_config_passes_promtool(tmp_path):
     config = (DOCKER / "prometheus" / "prometheus.yml").read_text()
     shutil.copy(DOCKER / "prometheus" / "alerts.yml", tmp_path / "alerts.yml")
     (tmp_path / "prometheus.yml").write_text(config.replace("/etc/prometheus/alerts.yml", "alerts.yml"))
-    out = subprocess.run(["promtool", "check", "config", str(tmp_path / "prometheus.yml")], capture_output=True, text=True)
+    command = ["promtool", "check", "config", str(tmp_path / "prometheus.yml")]
+    out = subprocess.run(command, capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -275,7 +279,7 @@ def test_dashboard_shows_what_an_operator_needs():
     def shown(name: str, *fragments: str) -> bool:
         return any(re.search(rf"\b{name}\b", e) and all(f in e for f in fragments) for e in exprs)
 
-    series = lambda metric, suffix="": metric._name + suffix  # noqa: E731 (names from service/metrics.py)
+    series = lambda metric, suffix="": metric._name + suffix
     assert shown(series(m.exits, "_total"), "by (stage)", "group_left")  # share per stage
     assert shown(series(m.requests, "_total"), "by (outcome)")
     for q in ("0.5", "0.95", "0.99"):
@@ -348,7 +352,7 @@ def test_k8s_deployment_requests_a_gpu_and_probes_the_served_routes(tiny_checkpo
 
 
 def dockerfile_uid() -> int:
-    return int(re.search(r"^ARG APP_UID=(\d+)$", (DOCKER / "Dockerfile").read_text(), re.M)[1])
+    return int(re.search(r"^ARG APP_UID=(\d+)$", (DOCKER / "Dockerfile").read_text(), re.MULTILINE)[1])
 
 
 def test_k8s_configmap_holds_valid_settings(monkeypatch):
@@ -362,7 +366,8 @@ def test_k8s_service_and_hpa_target_the_deployment():
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items()
     assert service["spec"]["ports"][0]["targetPort"] == "http"
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
+    target = {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
+    assert hpa["spec"]["scaleTargetRef"] == target
 
 
 def test_hpa_scales_on_an_exported_per_replica_metric():
@@ -383,14 +388,15 @@ def test_hpa_scales_on_an_exported_per_replica_metric():
 
 def test_image_copies_every_package_the_project_installs():
     """A package added to pyproject.toml must reach the image, its build context and its ignore list."""
-    includes = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    includes = setuptools["packages"]["find"]["include"]
     packages = sorted({p.rstrip("*") for p in includes})
     dockerfile = (DOCKER / "Dockerfile").read_text()
     ignore = (DOCKER / "Dockerfile.dockerignore").read_text().split()
     script = (DOCKER / "podman-build-cpu.sh").read_text()
     for package in packages:
         assert (ROOT / package).is_dir()
-        assert re.search(rf"^COPY {package} /src/{package}$", dockerfile, re.M), package
+        assert re.search(rf"^COPY {package} /src/{package}$", dockerfile, re.MULTILINE), package
         assert f"!{package}/" in ignore, package
         assert re.search(rf"\b{package}\b", script), package
 
