@@ -123,7 +123,9 @@ async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn, plus: the first SIGTERM/SIGINT turns readiness off and refuses new work at once."""
+    """uvicorn, plus: the first SIGTERM/SIGINT turns readiness off and refuses new work at once,
+    and a drained shutdown exits with status 0 (uvicorn would re-raise the signal and die by it,
+    which supervisors report as a crash)."""
 
     def __init__(self, config: uvicorn.Config, app: FastAPI):
         super().__init__(config)
@@ -134,6 +136,7 @@ class DrainingServer(uvicorn.Server):
         if runtime is not None:
             runtime.engine.begin_drain_threadsafe()
         super().handle_exit(sig, frame)
+        self._captured_signals.clear()  # not re-raised after the drain: the exit is a clean one
 
 
 def run_server(settings: Settings, app: FastAPI | None = None) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from service.errors import batch_failed, refused, timed_out
+from service.errors import batch_failed, out_of_memory, refused, timed_out
 from service.metrics import ServiceMetrics
 from service.scheduler import QueueFull, SchedulePlan, Scheduler
 from service.worker import BeforeBatchHook, StageResult, Worker
@@ -102,6 +102,15 @@ class Engine:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self.begin_drain)
 
+    def in_flight(self) -> dict[str, int]:
+        """What the server holds for unanswered requests (all zeros when idle): a leak check."""
+        return {
+            "futures": len(self._pending),
+            "scheduled": len(self.scheduler.requests),
+            "waiting": self.scheduler.num_waiting(),
+            "carried": len(self.worker.carried),
+        }
+
     def _set_ready(self, ready: bool) -> None:
         self.ready = ready and not self.draining
         self.metrics.ready.set(1 if self.ready else 0)
@@ -176,22 +185,37 @@ class Engine:
             self.worker.submit(self.worker.release, plan.dropped)
 
     async def _execute(self, plan: SchedulePlan) -> None:
+        for request_id, wait_s in zip(plan.request_ids, plan.queue_wait_s):
+            self._pending[request_id].queue_s += wait_s
+            self.metrics.queue_wait.labels(str(plan.stage)).observe(wait_s)
+        await self._run_batch(plan)
+
+    async def _run_batch(self, plan: SchedulePlan) -> None:
+        """Run one batch on the worker and apply its exits. A batch that runs out of device
+        memory is retried as two halves (recursively); a batch of one that still does not fit,
+        or any other exception, fails only that batch's requests."""
+        if not plan.request_ids:
+            return
         stage, label = plan.stage, str(plan.stage)
-        pendings = [self._pending[r] for r in plan.request_ids]
-        for pending, wait_s in zip(pendings, plan.queue_wait_s):
-            pending.queue_s += wait_s
-            self.metrics.queue_wait.labels(label).observe(wait_s)
-        self.metrics.batch_size.labels(label).observe(len(pendings))
-        images = [p.image for p in pendings] if stage == 0 else None
+        images = [self._pending[r].image for r in plan.request_ids] if stage == 0 else None
+        self.metrics.batch_size.labels(label).observe(len(plan.request_ids))
         job = self.worker.submit(self.worker.run_stage, stage, plan.request_ids, plan.thresholds, images)
         try:
             result: StageResult = await asyncio.wrap_future(job)
         except Exception as e:  # one batch fails, the server keeps serving
-            log.exception("stage %d batch of %d failed", stage, len(pendings))
+            oom = isinstance(e, torch.OutOfMemoryError)
+            self.metrics.batch_failures.labels(label, "out_of_memory" if oom else "error").inc()
+            if oom and len(plan.request_ids) > 1:
+                size = len(plan.request_ids)
+                log.warning("stage %d batch of %d ran out of memory; retrying in halves", stage, size)
+                for half in (range(size // 2), range(size // 2, size)):
+                    await self._run_batch(self._without_aborted(sub_plan(plan, half)))
+                return
+            log.exception("stage %d batch of %d failed", stage, len(plan.request_ids))
             self._fail(plan, e)
             return
         self.metrics.stage_compute.labels(label).observe(result.compute_s)
-        self.metrics.gmacs.inc(self.stage_gmacs[stage] * len(pendings))
+        self.metrics.gmacs.inc(self.stage_gmacs[stage] * len(plan.request_ids))
         finished = set(self.scheduler.update(plan, result.exited))
         for i, request_id in enumerate(plan.request_ids):
             pending = self._pending.get(request_id)
@@ -200,6 +224,15 @@ class Engine:
             pending.image, pending.compute_s = None, pending.compute_s + result.compute_s
             if request_id in finished:
                 self._finish(request_id, stage, result.probabilities[i], result.confidence[i])
+
+    def _without_aborted(self, plan: SchedulePlan) -> SchedulePlan:
+        """Before a retry: requests aborted meanwhile leave the batch uncomputed (the scheduler
+        reports them in the next plan, so their carried tokens are freed)."""
+        live = [i for i, r in enumerate(plan.request_ids) if r in self._pending]
+        if len(live) < len(plan.request_ids):
+            gone = [i for i in range(len(plan.request_ids)) if i not in live]
+            self.scheduler.fail(sub_plan(plan, gone))  # all aborted: fails no one
+        return sub_plan(plan, live)
 
     def _finish(self, request_id: int, stage: int, probabilities: list[float], confidence: float) -> None:
         pending = self._pending.pop(request_id)
@@ -212,11 +245,24 @@ class Engine:
 
     def _fail(self, plan: SchedulePlan, error: Exception) -> None:
         self.worker.submit(self.worker.release, plan.request_ids)
+        oom = isinstance(error, torch.OutOfMemoryError)
         for request_id in self.scheduler.fail(plan):
             pending = self._pending.pop(request_id, None)
             if pending is not None and not pending.future.done():
-                pending.future.set_exception(batch_failed(error))
+                failure = out_of_memory(error, self.retry_after_s) if oom else batch_failed(error)
+                pending.future.set_exception(failure)
 
     def _record_depth(self) -> None:
         for stage in range(self.scheduler.config.num_stages):
             self.metrics.queue_depth.labels(str(stage)).set(self.scheduler.num_waiting(stage))
+
+
+def sub_plan(plan: SchedulePlan, members: Sequence[int]) -> SchedulePlan:
+    """The batch members at these positions, for a retry. Drops were already handled with the
+    whole plan, so a sub-plan carries none."""
+    return SchedulePlan(
+        plan.stage,
+        request_ids=tuple(plan.request_ids[i] for i in members),
+        thresholds=tuple(plan.thresholds[i] for i in members),
+        queue_wait_s=tuple(plan.queue_wait_s[i] for i in members),
+    )

@@ -18,15 +18,16 @@ class ServiceError(Exception):
         outcome: str,
         reason: str | None = None,
         retry_after_s: int | None = None,
+        code: str | None = None,
     ):
         super().__init__(message)
         self.status, self.message = status, message
         self.outcome, self.reason = outcome, reason
         self.retry_after_s = retry_after_s
+        self.code = code or reason or outcome  # the JSON body's "reason"
 
     def to_json(self) -> dict:
-        reason = self.reason or self.outcome
-        return {"error": {"status": self.status, "reason": reason, "message": self.message}}
+        return {"error": {"status": self.status, "reason": self.code, "message": self.message}}
 
 
 def invalid(status: int, reason: str, message: str) -> ServiceError:
@@ -46,6 +47,12 @@ def timed_out(timeout_s: float) -> ServiceError:
 def batch_failed(error: BaseException) -> ServiceError:
     message = f"inference failed for this batch: {type(error).__name__}: {error}"
     return ServiceError(500, message, outcome="error")
+
+
+def out_of_memory(error: BaseException, retry_after_s: int) -> ServiceError:
+    """Even alone, this image's batch did not fit in device memory: transient, retry later."""
+    message = f"the device ran out of memory for this image, even in a batch of one: {error}"
+    return ServiceError(503, message, outcome="error", retry_after_s=retry_after_s, code="out_of_memory")
 
 
 def client_gone() -> ServiceError:

@@ -14,6 +14,7 @@ REJECTION_REASONS = (
     "queue_full", "draining", "not_ready",  # capacity: 429, 503
     "body_too_large", "unsupported_media_type", "invalid_body", "invalid_image", "invalid_parameter",
 )  # fmt: skip
+BATCH_FAILURE_CAUSES = ("out_of_memory", "error")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 GMACS_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 20, 50)
@@ -64,6 +65,10 @@ class ServiceMetrics:
             "request_gmacs", "Model compute spent per answered request, in GMACs.",
             namespace=ns, registry=r, buckets=GMACS_BUCKETS,
         )  # fmt: skip
+        self.batch_failures = Counter(
+            "batch_failures", "Stage batches that raised, by cause (out_of_memory batches are retried in halves).",
+            ["stage", "cause"], namespace=ns, registry=r,
+        )  # fmt: skip
         self.ready = Gauge("ready", "1 when the server accepts work.", namespace=ns, registry=r)
         for outcome in OUTCOMES:
             self.requests.labels(outcome)
@@ -75,6 +80,8 @@ class ServiceMetrics:
             for metric in (self.exits, self.queue_wait, self.batch_size, self.stage_compute):
                 metric.labels(stage)
             self.queue_depth.labels(stage).set(0)
+            for cause in BATCH_FAILURE_CAUSES:
+                self.batch_failures.labels(stage, cause)
 
     def record_failure(self, outcome: str, reason: str | None = None) -> None:
         """One classification that got no answer; ``reason`` when refused before any queue."""

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
-from service.errors import invalid
+from service.errors import client_gone, invalid
 
 MULTIPART = "multipart/form-data"
 
@@ -31,11 +32,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:  # gone before the whole body arrived: cancelled, not a server error
+        raise client_gone() from None
     return b"".join(chunks)
 
 

@@ -92,10 +92,16 @@ class Worker:
         images: Sequence[torch.Tensor] | None = None,
     ) -> StageResult:
         """One stage on one batch: stage 0 takes CPU ``images`` (C, H, W), later stages the
-        carried tokens of ``request_ids``. Requests that go on keep their tokens here."""
-        if self.before_batch is not None:
-            self.before_batch(stage, request_ids)
-        return self._run_stage(stage, request_ids, thresholds, images)
+        carried tokens of ``request_ids``. Requests that go on keep their tokens here. If the
+        batch raises, the carried tokens it read stay, so the caller can retry or release them."""
+        try:
+            if self.before_batch is not None:
+                self.before_batch(stage, request_ids)
+            return self._run_stage(stage, request_ids, thresholds, images)
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # give the caching allocator's blocks back before a retry
+            raise
 
     def _run_stage(self, stage, request_ids, thresholds, images) -> StageResult:
         start = time.perf_counter()
@@ -143,11 +149,13 @@ class Worker:
                 batch = batch.pin_memory()
             batch = batch.to(self.device, non_blocking=True)
             return self.model.embed(batch), None  # (B, N, D)
-        carried = [self.carried.pop(r) for r in request_ids]
+        carried = [self.carried[r] for r in request_ids]  # kept until the batch succeeds (retries)
         embedded = torch.stack([c.embedded for c in carried])  # (B, N, D)
         return embedded, torch.stack([c.tokens for c in carried])  # (B, N, d_{s-1})
 
     def _carry(self, request_ids, goes_on: torch.Tensor, embedded, tokens) -> None:
+        """Keep the survivors' tokens for the next stage; drop what the batch consumed."""
+        self.release(request_ids)
         if not goes_on.any():
             return
         ids = [r for r, keep in zip(request_ids, goes_on.tolist()) if keep]
