@@ -14,17 +14,17 @@ from contextlib import asynccontextmanager
 from types import FrameType
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from model.checkpoint import load_checkpoint
-from service.deps import Runtime
+from service.deps import Runtime, require_token
 from service.engine import Engine, Hooks
 from service.errors import ServiceError, invalid
 from service.metrics import ServiceMetrics
-from service.routes import classify_router, health_router, model_router
+from service.routes import UNAUTHORIZED, classify_router, health_router, model_router
 from service.scheduler import Scheduler, SchedulerConfig
 from service.served_model import ServedModel
 from service.settings import Settings
@@ -42,7 +42,11 @@ def create_app(settings: Settings, hooks: Hooks | None = None) -> FastAPI:
         lifespan=lambda app: lifespan(app, settings, hooks),
     )
     app.state.metrics = ServiceMetrics()
-    for router in (classify_router, model_router, health_router):
+    # With a token set, the classify routes require it (and the OpenAPI schema says so);
+    # the model, health and metrics routes stay open for probes and scrapers.
+    auth = [Depends(require_token)] if settings.api_token is not None else []
+    app.include_router(classify_router, dependencies=auth, responses=UNAUTHORIZED if auth else None)
+    for router in (model_router, health_router):
         app.include_router(router)
     app.add_exception_handler(ServiceError, service_error)
     app.add_exception_handler(RequestValidationError, validation_error)
@@ -93,8 +97,7 @@ def build_engine(settings: Settings, metrics: ServiceMetrics, hooks: Hooks) -> t
 
 
 def error_response(error: ServiceError) -> JSONResponse:
-    headers = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s is not None else None
-    return JSONResponse(error.to_json(), status_code=error.status, headers=headers)
+    return JSONResponse(error.to_json(), status_code=error.status, headers=error.headers)
 
 
 async def service_error(request: Request, error: ServiceError) -> JSONResponse:
@@ -139,9 +142,10 @@ class DrainingServer(uvicorn.Server):
         self._captured_signals.clear()  # not re-raised after the drain: the exit is a clean one
 
 
-def run_server(settings: Settings, app: FastAPI | None = None) -> None:
+def run_server(settings: Settings, app: FastAPI | None = None) -> bool:
     """Serve until SIGTERM; in-flight requests get ``drain_grace_s`` to finish. The process entry:
-    it configures logging for the ``service`` loggers too."""
+    it configures logging for the ``service`` loggers too. False if the app never started (the
+    checkpoint could not be loaded, the port was taken)."""
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     app = app or create_app(settings)
     config = uvicorn.Config(
@@ -151,4 +155,6 @@ def run_server(settings: Settings, app: FastAPI | None = None) -> None:
         log_level=settings.log_level,
         timeout_graceful_shutdown=settings.drain_grace_s,
     )
-    DrainingServer(config, app).run()
+    server = DrainingServer(config, app)
+    server.run()
+    return server.started

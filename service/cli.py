@@ -100,8 +100,7 @@ def cmd_serve(args) -> int:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         print(f"thinkingvit serve: invalid settings: {problems}", file=sys.stderr)
         return 2
-    run_server(settings)
-    return 0
+    return 0 if run_server(settings) else 3  # 3: uvicorn's status for a failed startup
 
 
 def serve_settings(args):

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hmac
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.engine import Engine
-from service.errors import invalid
+from service.errors import invalid, unauthorized
 from service.metrics import ServiceMetrics
 from service.served_model import ServedModel
 from service.settings import Settings
@@ -31,6 +33,20 @@ def get_runtime(request: Request) -> Runtime:
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+bearer = HTTPBearer(auto_error=False, description="THINKINGVIT_API_TOKEN, when the server sets one")
+
+
+def require_token(
+    runtime: RuntimeDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> None:
+    """401 unless the request carries the server's bearer token (compared in constant time).
+
+    Runs before the body is read, so an unauthenticated client cannot make the server buffer it.
+    """
+    expected = runtime.settings.api_token.get_secret_value().encode()
+    given = credentials.credentials.encode() if credentials is not None else b""
+    if not hmac.compare_digest(given, expected):
+        raise unauthorized()
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,15 @@ class ServiceError(Exception):
         reason: str | None = None,
         retry_after_s: int | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status, self.message = status, message
         self.outcome, self.reason = outcome, reason
-        self.retry_after_s = retry_after_s
         self.code = code or reason or outcome  # the JSON body's "reason"
+        self.headers = dict(headers or {})
+        if retry_after_s is not None:
+            self.headers["Retry-After"] = str(retry_after_s)
 
     def to_json(self) -> dict:
         return {"error": {"status": self.status, "reason": self.code, "message": self.message}}
@@ -33,6 +36,15 @@ class ServiceError(Exception):
 def invalid(status: int, reason: str, message: str) -> ServiceError:
     """Bad client input (413, 415, 422): refused before reaching a queue."""
     return ServiceError(status, message, outcome="invalid", reason=reason)
+
+
+def unauthorized() -> ServiceError:
+    """No or a wrong bearer token, while the server requires one (RFC 6750)."""
+    message = "this route needs the header 'Authorization: Bearer <token>' with the server's token"
+    return ServiceError(
+        401, message, outcome="invalid", reason="unauthorized",
+        headers={"WWW-Authenticate": 'Bearer realm="thinkingvit"'},
+    )  # fmt: skip
 
 
 def refused(status: int, reason: str, message: str, retry_after_s: int) -> ServiceError:

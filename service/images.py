@@ -5,9 +5,14 @@ from __future__ import annotations
 import io
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model.preprocess import Preprocess, preprocess_image
+
+
+# Formats a client may send. Pillow opens ~40 formats; some decoders are rarely exercised and
+# EPS even runs Ghostscript, so anything else is refused before a decoder sees it.
+FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "TIFF", "BMP")  # JPEG includes MPO (phone photos)
 
 
 class ImageError(ValueError):
@@ -17,24 +22,27 @@ class ImageError(ValueError):
 def decode_image(data: bytes, cfg: Preprocess, max_pixels: int) -> torch.Tensor:
     """Decode, check the pixel cap from the header before decompressing, and preprocess.
 
-    PIL's own bomb check (``Image.MAX_IMAGE_PIXELS``, process-wide) stays as a second net; this
-    cap is per server and fires first when smaller.
+    Only ``FORMATS`` are read; an animated image gives its first frame; the EXIF orientation
+    is applied, as a browser would show the photo. PIL's own bomb check
+    (``Image.MAX_IMAGE_PIXELS``, process-wide) stays as a second net; this cap is per server
+    and fires first when smaller.
     """
     if not data:
         raise ImageError("empty image: the body or file part has zero bytes")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
         width, height = image.size
         if width * height > max_pixels:
             pixels = width * height
             raise ImageError(f"image is {width}x{height} = {pixels} pixels; the limit is {max_pixels}")
         image.load()
+        image = ImageOps.exif_transpose(image)
         return preprocess_image(image, cfg)  # (C, size, size)
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
         raise ImageError(f"image too large: {e}") from e
     except UnidentifiedImageError:
-        raise ImageError("not an image in a format the server can read") from None
+        raise ImageError(f"not an image in a format the server reads ({', '.join(FORMATS)})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"cannot decode image: {e}") from e

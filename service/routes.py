@@ -30,6 +30,7 @@ from service.uploads import Upload, read_uploads
 
 T = TypeVar("T")
 ERRORS = {code: {"model": ErrorResponse} for code in (413, 415, 422, 429, 500, 503, 504)}
+UNAUTHORIZED = {401: {"model": ErrorResponse, "description": "Missing or wrong bearer token"}}
 IMAGE_BODY = {
     "requestBody": {
         "required": True,

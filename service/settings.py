@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "default_model" / "fmnist-3-6.safetensors"
@@ -55,6 +55,10 @@ class Settings(BaseSettings):
         allow_inf_nan=False,
         description="on SIGTERM, how long in-flight requests may take before exit",
     )
+    api_token: SecretStr | None = Field(
+        None,
+        description="bearer token that /classify and /classify/batch require; unset: no authentication",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="server log level"
     )
@@ -68,6 +72,13 @@ class Settings(BaseSettings):
                 "(or set THINKINGVIT_CHECKPOINT) to serve another model"
             )
         return path
+
+    @field_validator("api_token")
+    @classmethod
+    def _token_not_blank(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None and not token.get_secret_value().strip():
+            raise ValueError("api_token is empty; unset it to turn authentication off")
+        return token
 
     @field_validator("max_batch_size")
     @classmethod
