@@ -124,6 +124,13 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, help=help_text, default=argparse.SUPPRESS)
 
 
+def cmd_bench(args) -> int:
+    from bench.serving import run
+
+    run(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thinkingvit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,6 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve a checkpoint over HTTP (see docs/serving.md)")
     add_settings_arguments(p)
     p.set_defaults(func=cmd_serve)
+
+    try:  # the bench package ships with the repo; an install without it still serves
+        from bench.options import add_arguments as add_bench_arguments
+    except ImportError:
+        return parser
+    p = sub.add_parser("bench", help="serving benchmark: thresholds, analytic limit, peers (docs/benchmarks.md)")
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -1,0 +1,309 @@
+"""The benchmark's outputs: goals of issue #7, the JSON, the Markdown tables and two PNG plots."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+GOALS = {  # name: (target, what)
+    "elastic_gain": (2.0, "peak throughput at the within-0.3-pp threshold / at threshold 1"),
+    "served_over_limit": (0.85, "served / analytic limit at the within-0.3-pp threshold"),
+    "vs_litserve": (2.0, "our peak at the within-0.3-pp threshold / LitServe's peak (full model)"),
+    "vs_fastapi": (5.0, "our peak at the within-0.3-pp threshold / per-request FastAPI's peak"),
+    "p99_over_p50": (3.0, "p99 / p50 at 70 % of peak (open loop), our server at the within-0.3-pp threshold"),
+}
+
+
+def ratio(a: float, b: float) -> float:
+    """a / b, NaN when b is zero or missing (a run with no answers)."""
+    return a / b if b else math.nan
+
+
+def elastic_name(result: dict) -> str:
+    return f"ours@{result['elastic_threshold']['threshold']:g}"
+
+
+def row_at(rows: list[dict], threshold: float) -> dict:
+    return next(r for r in rows if r["threshold"] == threshold)
+
+
+def goals(result: dict) -> list[dict]:
+    systems, t = result["systems"], result["elastic_threshold"]["threshold"]
+    peak = {name: s["peak"]["images_per_s"] for name, s in systems.items()}
+    ours = peak[elastic_name(result)]
+    single, batch = row_at(result["thresholds"], t), row_at(result["batch_endpoint"], t)
+    values = {
+        "elastic_gain": ratio(ours, peak["ours@1"]),
+        "served_over_limit": single["limit"]["served_over_limit"],
+        "vs_litserve": ratio(ours, peak["litserve"]) if "litserve" in peak else None,
+        "vs_fastapi": ratio(ours, peak["fastapi"]),
+        "p99_over_p50": systems[elastic_name(result)]["open_loop"]["p99_over_p50"],
+    }
+    out = []
+    for name, (target, what) in GOALS.items():
+        value = values[name]
+        met = None if value is None or math.isnan(value) else (value <= target if name == "p99_over_p50" else value >= target)
+        out.append({"goal": name, "what": what, "target": target, "value": value, "met": met})
+    out.append({  # the same two ratios through the batch endpoint, for the record
+        "goal": "batch_endpoint", "what": "batch endpoint: elastic gain and served / limit",
+        "target": None, "met": None,
+        "value": {"elastic_gain": ratio(batch["images_per_s"], row_at(result["batch_endpoint"], 1.0)["images_per_s"]),
+                  "served_over_limit": batch["limit"]["served_over_limit"]},
+    })  # fmt: skip
+    return out
+
+
+# ------------------------------------------------------------------------------------ files
+
+
+def write(result: dict, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = result["meta"]
+    stem = out_dir / f"{meta['date'][:10]}-{meta['machine']}{'-smoke' if meta['smoke'] else ''}"
+    json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
+    curves, bars = Path(f"{stem}-curves.png"), Path(f"{stem}-thresholds.png")
+    json_path.write_text(json.dumps(finite(result), indent=2, allow_nan=False) + "\n")
+    plot_curves(result, curves)
+    plot_thresholds(result, bars)
+    md_path.write_text(markdown(result, curves.name, bars.name))
+    return [json_path, md_path, curves, bars]
+
+
+def finite(value):
+    """NaN and infinities (e.g. a latency with no samples) become null: strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def _f(x, spec: str = ".0f") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    return format(x, spec)
+
+
+def _met(met: bool | None) -> str:
+    return {True: "met", False: "not met", None: "–"}[met]
+
+
+def headline(result: dict) -> str:
+    """The table the README shows: per threshold, then peers, then goals."""
+    return "\n".join([threshold_table(result["thresholds"], "single-image `/classify`"),
+                      "", peers_table(result), "", goals_table(result)])
+
+
+def threshold_table(rows: list[dict], title: str) -> str:
+    lines = [
+        f"| threshold ({title}) | accuracy % | exit share s0 / s1 | GMACs / image | images/s | "
+        "p50 / p95 / p99 ms | analytic limit images/s | served / limit |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lat, share = r["latency_ms"], r.get("exit_share", [math.nan, math.nan])
+        lines.append(
+            f"| {r['threshold']:g} | {_f(r['accuracy'], '.2f')} | {_f(share[0], '.2f')} / {_f(share[1], '.2f')} | "
+            f"{_f(r.get('gmacs_per_image'), '.4f')} | {_f(r['images_per_s'])} | "
+            f"{_f(lat['p50'], '.1f')} / {_f(lat['p95'], '.1f')} / {_f(lat['p99'], '.1f')} | "
+            f"{_f(r['limit']['images_per_s'])} | {_f(r['limit']['served_over_limit'], '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
+def peers_table(result: dict) -> str:
+    ours = result["systems"][elastic_name(result)]["peak"]["images_per_s"]
+    lines = [
+        "| system (single-image requests) | accuracy % | peak images/s (at clients) | p50 / p99 ms at peak | "
+        f"{elastic_name(result)} / system |",
+        "|---|---|---|---|---|",
+    ]
+    for name, s in result["systems"].items():
+        p = s["peak"]
+        lines.append(
+            f"| {name} | {_f(p['accuracy'], '.2f')} | {_f(p['images_per_s'])} ({p['concurrency']}) | "
+            f"{_f(p['latency_ms']['p50'], '.1f')} / {_f(p['latency_ms']['p99'], '.1f')} | {_f(ratio(ours, p['images_per_s']), '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
+def goals_table(result: dict) -> str:
+    lines = ["| goal (issue #7) | target | measured | |", "|---|---|---|---|"]
+    for g in result["goals"]:
+        if g["target"] is None:
+            continue
+        sign = "<=" if g["goal"] == "p99_over_p50" else ">="
+        lines.append(f"| {g['what']} | {sign} {g['target']:g} | {_f(g['value'], '.2f')} | {_met(g['met'])} |")
+    return "\n".join(lines)
+
+
+def sweep_table(result: dict) -> str:
+    concurrencies = sorted({p["concurrency"] for s in result["systems"].values() for p in s["sweep"]})
+    lines = ["| system | " + " | ".join(f"c={c}" for c in concurrencies) + " |",
+             "|---|" + "---|" * len(concurrencies)]
+    for name, s in result["systems"].items():
+        by_c = {p["concurrency"]: p for p in s["sweep"]}
+        cells = [
+            f"{_f(by_c[c]['images_per_s'])} / {_f(by_c[c]['latency_ms']['p50'], '.1f')} / "
+            f"{_f(by_c[c]['latency_ms']['p99'], '.1f')}" if c in by_c else "–"
+            for c in concurrencies
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def open_loop_table(result: dict) -> str:
+    lines = ["| system | offered req/s | served images/s | p50 ms | p99 ms | p99 / p50 | errors | client CPU (cores) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, s in result["systems"].items():
+        o = s["open_loop"]
+        lines.append(
+            f"| {name} | {_f(o['offered_rate'])} | {_f(o['images_per_s'])} | {_f(o['latency_ms']['p50'], '.1f')} | "
+            f"{_f(o['latency_ms']['p99'], '.1f')} | {_f(o['p99_over_p50'], '.2f')} | "
+            f"{sum(o['errors'].values()) + o['dropped']} | {_f(o['client_cpu_cores'], '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
+def server_table(rows: list[dict]) -> str:
+    lines = ["| threshold | mean batch s0 / s1 | r | in-server compute ms/image s0 / s1 | offline t1 / t2 ms/image | "
+             "client / server CPU (cores) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        s0, s1 = r["server"]["stages"]
+        lim = r["limit"]
+        lines.append(
+            f"| {r['threshold']:g} | {_f(s0['mean_batch'], '.1f')} / {_f(s1['mean_batch'], '.1f')} | "
+            f"{_f(r['server']['r'], '.3f')} | {_f(s0['compute_ms_per_image'], '.3f')} / "
+            f"{_f(s1['compute_ms_per_image'], '.3f')} | {_f(lim['t1_ms'], '.3f')} / {_f(lim['t2_ms'], '.3f')} | "
+            f"{_f(r['client_cpu_cores'], '.2f')} / {_f(r['server_cpu_cores'], '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
+def settings_section(result: dict) -> str:
+    lines = []
+    for name, settings in result["systems_settings"].items():
+        shown = ", ".join(f"{k}={v}" for k, v in settings.items())
+        lines.append(f"- **{name}**: {shown}")
+    if "litserve" in result["systems"]:
+        lines.append("- LitServe tuning (images/s at the sweep's top concurrency): " + "; ".join(
+            f"batch {t['max_batch_size']}, timeout {t['batch_timeout_ms']:g} ms, {t['workers_per_device']} "
+            f"worker(s): {_f(t['images_per_s'])}" for t in result["systems"]["litserve"]["tuning"]))
+    return "\n".join(lines)
+
+
+def markdown(result: dict, curves_png: str, bars_png: str) -> str:
+    m, plan = result["meta"], result["meta"]["plan"]
+    e = result["elastic_threshold"]
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+    return f"""# Serving benchmark: {m['machine']}, {m['date']}{' (smoke run: numbers mean nothing)' if m['smoke'] else ''}
+
+Machine: {m['cpu']}, {m['cores']} cores, device {m['device']}, torch threads {m['torch_threads']} in every
+server. Python {m['python']}; {versions}. Event loop and HTTP parser: {m['uvicorn_loop_http']}.
+Model: `{m['checkpoint']}` (preset {m['preset']}); images: {m['image_count']} {m['images']} as PNG.
+Load generator: {m['load_generator']}; it shares the machine with the servers (its CPU use is in the
+tables). Whole run: {m['wall_s']} s.
+
+Within-0.3-pp threshold: **{e['threshold']:g}** ({e['why']}).
+
+## Goals
+
+{goals_table(result)}
+
+## Our server per threshold, single-image requests ({plan['concurrency']} closed-loop clients, {plan['measure_s']:g} s each)
+
+{threshold_table(result['thresholds'], 'single')}
+
+## The batch endpoint ({plan['batch_images']} images per request, {plan['batch_concurrency']} clients)
+
+{threshold_table(result['batch_endpoint'], 'batch')}
+
+Server side of the runs above (single-image first, then batch endpoint), from `/metrics`:
+
+{server_table(result['thresholds'])}
+
+{server_table(result['batch_endpoint'])}
+
+## Peers at equal accuracy budget (peak of the concurrency sweep)
+
+{peers_table(result)}
+
+## Closed-loop concurrency sweep (images/s / p50 ms / p99 ms)
+
+{sweep_table(result)}
+
+![throughput vs latency]({curves_png})
+
+## Open loop: Poisson arrivals at 70 % of each system's peak
+
+{open_loop_table(result)}
+
+![per threshold]({bars_png})
+
+## Settings of every system
+
+{settings_section(result)}
+"""
+
+
+# ------------------------------------------------------------------------------------ plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(result: dict, path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    for i, (name, s) in enumerate(result["systems"].items()):
+        points = sorted(s["sweep"], key=lambda p: p["concurrency"])
+        x = [p["images_per_s"] for p in points]
+        color = f"C{i}"
+        ax.plot(x, [p["latency_ms"]["p50"] for p in points], "o-", color=color, ms=4, label=f"{name} p50")
+        ax.plot(x, [p["latency_ms"]["p99"] for p in points], "x--", color=color, ms=4, label=f"{name} p99")
+        o = s["open_loop"]
+        ax.plot([o["images_per_s"]] * 2, [o["latency_ms"]["p50"], o["latency_ms"]["p99"]], "s", color=color, ms=6,
+                mfc="none")
+    ax.set_yscale("log")
+    ax.set_xlabel("throughput (images/s), closed loop 1..64 clients; squares: open loop at 70 %")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title(f"Throughput vs latency, {result['meta']['machine']}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_thresholds(result: dict, path: Path) -> None:
+    plt = _pyplot()
+    single, batch = result["thresholds"], result["batch_endpoint"]
+    labels = [f"{r['threshold']:g}" for r in single]
+    series = {
+        "single-image served": [r["images_per_s"] for r in single],
+        "single-image limit": [r["limit"]["images_per_s"] for r in single],
+        "batch endpoint served": [r["images_per_s"] for r in batch],
+        "batch endpoint limit": [r["limit"]["images_per_s"] for r in batch],
+    }
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    width = 0.2
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar([k + (i - 1.5) * width for k in range(len(labels))], values, width, label=name,
+               hatch="//" if "limit" in name else None, alpha=0.6 if "limit" in name else 1.0, color=f"C{i // 2}")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlabel("exit threshold")
+    ax.set_ylabel("images/s")
+    ax.set_title("Our server per threshold vs the analytic limit 1 / (t1 + r t2)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

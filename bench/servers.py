@@ -1,0 +1,138 @@
+"""Server processes for the benchmark: start on a free 127.0.0.1 port, wait for readiness, measure
+their CPU time, stop. Every system runs as its own process group with the same environment."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+READY_DEADLINE_S = 180.0
+STOP_DEADLINE_S = 30.0
+POLL_INTERVAL_S = 0.05
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class SystemSpec:
+    """How to start one system; ``settings`` is what the report records about it."""
+
+    name: str
+    command: list[str]  # without the port
+    ready_path: str
+    settings: dict = field(default_factory=dict)
+    env: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunningServer:
+    spec: SystemSpec
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+    startup_s: float
+
+    def cpu_seconds(self) -> float:
+        """CPU time of the server's whole process tree (LitServe runs several processes)."""
+        return sum(_proc_cpu_s(pid) for pid in _tree(self.process.pid))
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(STOP_DEADLINE_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def start(spec: SystemSpec, log_dir: Path | None = None) -> RunningServer:
+    """Start ``spec`` and return once its readiness route answers 200 (or raise, with its log)."""
+    port = free_port()
+    log_dir = log_dir or Path(tempfile.mkdtemp(prefix="thinkingvit-bench-"))
+    log_path = log_dir / f"{spec.name}.log"
+    started = time.perf_counter()
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [*spec.command, "--port", str(port)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, **spec.env}, start_new_session=True,
+        )  # fmt: skip
+    server = RunningServer(spec, f"http://127.0.0.1:{port}", process, log_path, 0.0)
+    try:
+        wait_ready(server)
+    except BaseException:
+        server.stop()
+        raise
+    server.startup_s = time.perf_counter() - started
+    return server
+
+
+def wait_ready(server: RunningServer) -> None:
+    deadline = time.monotonic() + READY_DEADLINE_S
+    url = server.url + server.spec.ready_path
+    with httpx.Client(timeout=5) as client:
+        while time.monotonic() < deadline:
+            if server.process.poll() is not None:
+                raise RuntimeError(f"{server.spec.name} exited with {server.process.returncode}:\n{server.log_tail()}")
+            try:
+                if client.get(url).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(POLL_INTERVAL_S)  # polling interval against a deadline
+    raise TimeoutError(f"{server.spec.name} not ready after {READY_DEADLINE_S} s:\n{server.log_tail()}")
+
+
+def python_command(*args: str) -> list[str]:
+    return [sys.executable, *args]
+
+
+# ------------------------------------------------------------------------------------ /proc
+
+
+def _tree(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = _stat(int(entry.name))
+            if stat:
+                children.setdefault(int(stat[1]), []).append(int(entry.name))
+    pids, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        todo.extend(children.get(pid, []))
+    return pids
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state, ppid, ...), or None if gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()
+
+
+def _proc_cpu_s(pid: int) -> float:
+    stat = _stat(pid)
+    if stat is None:
+        return 0.0
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(stat[11]) + int(stat[12])) / ticks  # utime, stime

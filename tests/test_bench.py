@@ -1,0 +1,120 @@
+"""The serving benchmark's harness: a smoke run against live servers must produce a well-formed report.
+
+Speed is never asserted; only that every part ran, every response was checked, and every figure
+the report is built from is a finite number.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE_LIMIT_S = 240  # a safety net for a hung run, not a timing assertion
+STAGES = 2
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> tuple[dict, Path]:
+    """``python -m bench --smoke`` in its own process: tiny random model, our server and the peers."""
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=SMOKE_LIMIT_S,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (json_path,) = out.glob("*-smoke.json")
+    return json.loads(json_path.read_text()), out
+
+
+def finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def check_run(run: dict) -> None:
+    """One load run's summary: throughput, latency percentiles, accuracy and CPU shares."""
+    assert run["requests"] > 0 and run["images"] >= run["requests"]
+    assert finite(run["images_per_s"]) and run["images_per_s"] > 0
+    for q in ("p50", "p90", "p95", "p99", "mean"):
+        assert finite(run["latency_ms"][q]) and run["latency_ms"][q] > 0, q
+    assert run["latency_ms"]["p50"] <= run["latency_ms"]["p99"]
+    assert finite(run["accuracy"]) and 0 <= run["accuracy"] <= 100
+    assert finite(run["client_cpu_cores"]) and finite(run["server_cpu_cores"])
+    assert not run["errors"], run["errors"]
+
+
+def test_thresholds_cover_the_issue_list(smoke):
+    result, _ = smoke
+    elastic = result["elastic_threshold"]["threshold"]
+    expected = sorted({0.0, 0.5, 0.8, 0.9, 1.0, elastic})
+    assert [r["threshold"] for r in result["thresholds"]] == expected
+    assert [r["threshold"] for r in result["batch_endpoint"]] == expected
+
+
+@pytest.mark.parametrize("part", ["thresholds", "batch_endpoint"])
+def test_threshold_rows_are_complete(smoke, part):
+    result, _ = smoke
+    for row in result[part]:
+        check_run(row)
+        assert len(row["exit_share"]) == STAGES and math.isclose(sum(row["exit_share"]), 1.0)
+        assert finite(row["gmacs_per_image"]) and row["gmacs_per_image"] > 0
+        stats = row["server"]
+        assert 0 <= stats["r"] <= 1 and stats["stages"][0]["mean_batch"] >= 1
+        limit = row["limit"]
+        for key in ("t1_ms", "t2_ms", "images_per_s", "served_over_limit"):
+            assert finite(limit[key]) and limit[key] > 0, key
+
+
+def test_exit_rule_extremes(smoke):
+    """Threshold 0 answers everything at stage 0, threshold 1 sends everything on."""
+    result, _ = smoke
+    for part in ("thresholds", "batch_endpoint"):
+        rows = {r["threshold"]: r for r in result[part]}
+        assert rows[0.0]["exit_share"] == [1.0, 0.0] and rows[0.0]["server"]["r"] == 0
+        assert rows[1.0]["exit_share"] == [0.0, 1.0] and rows[1.0]["server"]["r"] == 1
+
+
+def test_every_system_has_a_sweep_and_an_open_loop_run(smoke):
+    result, _ = smoke
+    systems = result["systems"]
+    elastic = f"ours@{result['elastic_threshold']['threshold']:g}"
+    assert {elastic, "ours@1", "fastapi"} <= set(systems)
+    for name, system in systems.items():
+        assert [p["concurrency"] for p in system["sweep"]] == result["meta"]["plan"]["sweep"], name
+        for point in system["sweep"]:
+            check_run(point)
+        assert system["peak"] in system["sweep"]
+        loop = system["open_loop"]
+        assert finite(loop["offered_rate"]) and loop["offered_rate"] > 0
+        assert loop["requests"] > 0 and finite(loop["p99_over_p50"]) and loop["p99_over_p50"] >= 1
+    check_run(systems["fastapi"]["batch_endpoint"])
+    assert set(result["systems_settings"]) >= {"ours", "fastapi"}
+
+
+def test_goals_and_metadata(smoke):
+    result, _ = smoke
+    goals = {g["goal"]: g for g in result["goals"]}
+    assert {"elastic_gain", "served_over_limit", "vs_fastapi", "vs_litserve", "p99_over_p50"} <= set(goals)
+    for name in ("elastic_gain", "served_over_limit", "vs_fastapi", "p99_over_p50"):
+        assert finite(goals[name]["value"]) and isinstance(goals[name]["met"], bool), name
+    meta = result["meta"]
+    assert meta["cores"] >= 1 and meta["torch_threads"] >= 1 and meta["smoke"] is True
+    assert meta["versions"]["torch"] != "not installed"
+    assert result["offline"]["stage_timings"]
+
+
+def test_markdown_and_plots_are_written(smoke):
+    result, out = smoke
+    (md,) = out.glob("*-smoke.md")
+    text = md.read_text()
+    for heading in ("## Goals", "## Our server per threshold", "## The batch endpoint", "## Peers",
+                    "## Closed-loop concurrency sweep", "## Open loop", "## Settings of every system"):
+        assert heading in text, heading
+    for png in ("*-smoke-curves.png", "*-smoke-thresholds.png"):
+        (path,) = out.glob(png)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
