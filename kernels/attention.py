@@ -33,13 +33,21 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """Map a backend setting to the implementation that will actually run on ``device``."""
+TRITON_HEAD_DIMS = (16, 32, 64)  # head sizes the Triton kernel is built for
+
+
+def resolve_backend(backend: str | None, device: torch.device, head_dim: int | None = None) -> str:
+    """Map a backend setting to the implementation that will actually run on ``device``.
+
+    ``auto`` falls back to SDPA for head sizes the kernel does not cover; an explicit ``triton``
+    does not (the kernel then says why it refuses).
+    """
     backend = backend or default_backend()
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}: expected one of {BACKENDS}")
     if backend == "auto":
-        if device.type == "cuda" and _triton_available():
+        supported = head_dim is None or head_dim in TRITON_HEAD_DIMS
+        if device.type == "cuda" and supported and _triton_available():
             return "triton"
         return "sdpa"
     if backend == "triton" and device.type != "cuda" and not interpreting():
@@ -97,7 +105,7 @@ def sliced_attention(
     Returns ``(B, N, k*hd)``, heads concatenated token-major, as the output projection reads it.
     """
     q, k, v = qkv_views(qkv, num_heads, head_dim, layout)  # each (B, N, k, hd)
-    if resolve_backend(backend, qkv.device) == "triton":
+    if resolve_backend(backend, qkv.device, head_dim) == "triton":
         from kernels.triton_attention import triton_attention
 
         return triton_attention(q, k, v)

@@ -218,3 +218,9 @@ def test_benchmark_smoke(tmp_path):
     assert (tmp_path / "kernel-smoke.json").exists() and (tmp_path / "kernel-smoke.md").exists()
     assert all(row["us"]["sdpa"] > 0 for row in result["kernels"])
     assert all(row["img_per_s"]["sdpa"] > 0 for row in result["model"])
+
+
+def test_auto_falls_back_to_sdpa_for_head_sizes_the_kernel_lacks(monkeypatch):
+    monkeypatch.setattr("kernels.attention._triton_available", lambda: True)
+    assert resolve_backend("auto", torch.device("cuda"), head_dim=8) == "sdpa"
+    assert resolve_backend("auto", torch.device("cuda"), head_dim=64) == "triton"
