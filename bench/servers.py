@@ -71,7 +71,7 @@ def start(spec: SystemSpec, log_dir: Path | None = None) -> RunningServer:
     with log_path.open("w") as log:
         process = subprocess.Popen(
             [*spec.command, "--port", str(port)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, **spec.env}, start_new_session=True,
+            env={**clean_environment(), **spec.env}, start_new_session=True,
         )  # fmt: skip
     server = RunningServer(spec, f"http://127.0.0.1:{port}", process, log_path, 0.0)
     try:
@@ -97,6 +97,12 @@ def wait_ready(server: RunningServer) -> None:
                 pass
             time.sleep(POLL_INTERVAL_S)  # polling interval against a deadline
     raise TimeoutError(f"{server.spec.name} not ready after {READY_DEADLINE_S} s:\n{server.log_tail()}")
+
+
+def clean_environment() -> dict[str, str]:
+    """This environment without THINKINGVIT_* variables: every server runs its documented defaults
+    plus the flags the harness gives (and records)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("THINKINGVIT_")}
 
 
 def python_command(*args: str) -> list[str]:

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -42,6 +43,7 @@ log = logging.getLogger("bench")
 STANDARD_THRESHOLDS = (0.0, 0.5, 0.8, 0.9, 1.0)
 FALLBACK_ELASTIC_THRESHOLD = 0.9  # when the checkpoint has no calibration profile
 OPEN_LOOP_LOAD = 0.7
+SYNTHETIC_IMAGES = 512  # distinct synthetic PNGs; requests cycle through them
 
 
 @dataclass(frozen=True)
@@ -51,14 +53,14 @@ class Plan:
     images: int = 10_000  # test images turned into PNGs (requests cycle through them)
     concurrency: int = 64  # closed-loop clients of the per-threshold runs
     warmup_s: float = 1.0
-    measure_s: float = 6.0
+    measure_s: float = 8.0
     batch_images: int = 32  # images per /classify/batch request
     batch_concurrency: int = 4
     sweep: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     sweep_warmup_s: float = 0.5
-    sweep_measure_s: float = 3.0
+    sweep_measure_s: float = 4.0
     open_loop_warmup_s: float = 1.0
-    open_loop_measure_s: float = 8.0
+    open_loop_measure_s: float = 10.0
     litserve_grid: tuple[tuple[int, float, int], ...] = ((32, 2.0, 1), (32, 10.0, 1), (16, 5.0, 2))
     tune_measure_s: float = 3.0
     min_requests: int = 20  # a closed-loop window stays open until this many were answered in it
@@ -147,7 +149,7 @@ def load_images(args, plan: Plan, checkpoint: Path) -> tuple[list[bytes], list[i
     synthetic = args.synthetic or args.smoke
     if synthetic:
         size = Preprocess.from_dict(meta["preprocess"]).size if meta.get("preprocess") else cfg.img_size
-        images, labels = synthetic_images(plan.images, size, cfg.in_chans, cfg.num_classes)
+        images, labels = synthetic_images(min(plan.images, SYNTHETIC_IMAGES), size, cfg.in_chans, cfg.num_classes)
     else:
         from model.data import load_fashion_mnist
 
@@ -178,10 +180,12 @@ def ours_spec(ctx: Context, name: str = "ours") -> SystemSpec:
     from service.settings import Settings
 
     flags = ["--checkpoint", str(ctx.checkpoint), "--device", ctx.device, "--log-level", "warning"]
-    settings = Settings(checkpoint=ctx.checkpoint, device=ctx.device, log_level="warning")
-    recorded = {k: v for k, v in settings.model_dump(mode="json").items() if k not in ("host", "port")}
+    extra = shlex.split(ctx.args.serve_args or "")
+    defaults = {name: field.default for name, field in Settings.model_fields.items() if name not in ("host", "port")}
+    recorded = {**defaults, "checkpoint": str(ctx.checkpoint), "device": ctx.device, "log_level": "warning",
+                "extra_flags": extra}  # fmt: skip
     return SystemSpec(
-        name, python_command("-m", "service.cli", "serve", *flags), "/readyz",
+        name, python_command("-m", "service.cli", "serve", *flags, *extra), "/readyz",
         {"system": "thinkingvit serve (this repo)", **recorded, "torch_threads": ctx.threads},
         server_env(ctx),
     )  # fmt: skip
@@ -220,7 +224,7 @@ def litserve_spec(ctx: Context, max_batch: int, timeout_ms: float, workers: int)
 def closed(
     server: RunningServer, work: Workload, concurrency: int, warmup_s: float, measure_s: float, min_requests: int
 ) -> dict:
-    gen = LoadGenerator(server.url, server.cpu_seconds, max_connections=max(256, concurrency))
+    gen = LoadGenerator(server.url, server.cpu_seconds)
     summary = gen.closed_loop(work, concurrency, warmup_s, measure_s, min_requests).summary(num_stages=2)
     return {"concurrency": concurrency, **summary}
 
@@ -372,17 +376,25 @@ def metadata(ctx: Context, started: float) -> dict:
                                               "uvloop", "httptools", "pydantic")},
         "uvicorn_loop_http": f"{'uvloop' if _has('uvloop') else 'asyncio'} + "
                              f"{'httptools' if _has('httptools') else 'h11'} (uvicorn 'auto', every server)",
-        "checkpoint": str(ctx.checkpoint),
+        "checkpoint": _shown_path(ctx.checkpoint),
         "preset": meta.get("preset"),
         "config": meta.get("config"),
         "images": "synthetic (random labels)" if ctx.synthetic else "Fashion-MNIST test split",
         "image_count": len(ctx.pngs),
         "smoke": bool(ctx.args.smoke),
         "plan": asdict(ctx.plan),
-        "load_generator": "asyncio httpx client (bench/loadgen.py), one process, pre-built multipart bodies, "
-                          "every response checked against its label",
+        "load_generator": "bench/loadgen.py: one asyncio process, a minimal HTTP/1.1 keep-alive client, "
+                          "requests pre-built, every response parsed and checked against its label",
         "wall_s": round(time.perf_counter() - started, 1),
     }  # fmt: skip
+
+
+def _shown_path(path: Path) -> str:
+    """Repository paths relative to the repository; others as given."""
+    try:
+        return str(path.resolve().relative_to(Path(__file__).resolve().parents[1]))
+    except ValueError:
+        return str(path)
 
 
 def machine_name(device: str) -> str:
