@@ -90,6 +90,7 @@ def build_engine(settings: Settings, metrics: ServiceMetrics, hooks: Hooks) -> t
         Scheduler(config), worker, metrics, model.exit_gmacs, model.stage_gmacs,
         retry_after_s=settings.retry_after_s, hooks=hooks,
     )  # fmt: skip
+    metrics.track_in_flight(engine.in_flight)
     return engine, model
 
 

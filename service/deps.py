@@ -65,7 +65,7 @@ def classify_params(
     top_k: Annotated[int | None, Query(ge=1, description="classes to return; default: the server's")] = None,
     timeout_ms: Annotated[
         float | None,
-        Query(gt=0, allow_inf_nan=False, description="deadline; may only shorten the server's"),
+        Query(ge=1, allow_inf_nan=False, description="deadline in ms (>= 1); may only shorten the server's"),
     ] = None,
 ) -> ClassifyParams:
     settings, num_classes = runtime.settings, runtime.model.config.num_classes

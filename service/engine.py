@@ -140,11 +140,18 @@ class Engine:
             if self.hooks.on_abort:
                 self.hooks.on_abort(request_id)
 
-    def _admit(self, image: torch.Tensor, threshold: float, timeout_s: float) -> int:
+    def check_admission(self) -> None:
+        """Raise the refusal a new request would get now (503 draining or not ready, 429 queue
+        full); handlers call it before decoding, so overload is refused without that work."""
         if self.draining:
             raise refused(503, "draining", "the server is shutting down", self.retry_after_s)
         if not self.ready:
             raise refused(503, "not_ready", "the model is not loaded yet", self.retry_after_s)
+        if (waiting := self.scheduler.num_waiting()) >= self.scheduler.config.max_queue_size:
+            raise refused(429, "queue_full", f"queue full: {waiting} requests waiting", self.retry_after_s)
+
+    def _admit(self, image: torch.Tensor, threshold: float, timeout_s: float) -> int:
+        self.check_admission()
         request_id = next(self._ids)
         try:
             self.scheduler.add(request_id, threshold, deadline=time.monotonic() + timeout_s)

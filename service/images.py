@@ -44,5 +44,6 @@ def decode_image(data: bytes, cfg: Preprocess, max_pixels: int) -> torch.Tensor:
         raise ImageError(f"image too large: {e}") from e
     except UnidentifiedImageError:
         raise ImageError(f"not an image in a format the server reads ({', '.join(FORMATS)})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageError(f"cannot decode image: {e}") from e
+    except Exception as e:  # Pillow's parsers raise many types on malformed input (OSError,
+        # SyntaxError, TypeError, struct.error, ...): every one means this upload is not decodable
+        raise ImageError(f"cannot decode image: {type(e).__name__}: {e}") from e

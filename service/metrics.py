@@ -6,6 +6,8 @@ fixed tuples below, all pre-initialised so dashboards see zeros instead of gaps.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 NAMESPACE = "thinkingvit"
@@ -71,6 +73,14 @@ class ServiceMetrics:
             ["stage", "cause"], namespace=ns, registry=r,
         )  # fmt: skip
         self.ready = Gauge("ready", "1 when the server accepts work.", namespace=ns, registry=r)
+        self.in_flight = Gauge(
+            "requests_in_flight", "Classifications admitted to the queues and not answered yet.",
+            namespace=ns, registry=r,
+        )  # fmt: skip
+        self.carried = Gauge(
+            "carried_requests", "Requests holding carried tokens on the device between stages.",
+            namespace=ns, registry=r,
+        )  # fmt: skip
         for outcome in OUTCOMES:
             self.requests.labels(outcome)
         for reason in REJECTION_REASONS:
@@ -83,6 +93,11 @@ class ServiceMetrics:
             self.queue_depth.labels(stage).set(0)
             for cause in BATCH_FAILURE_CAUSES:
                 self.batch_failures.labels(stage, cause)
+
+    def track_in_flight(self, in_flight: Callable[[], dict[str, int]]) -> None:
+        """Read the in-flight gauges from the engine at each scrape (``Engine.in_flight``)."""
+        self.in_flight.set_function(lambda: in_flight()["futures"])
+        self.carried.set_function(lambda: in_flight()["carried"])
 
     def record_failure(self, outcome: str, reason: str | None = None) -> None:
         """One classification that got no answer; ``reason`` when refused before any queue."""

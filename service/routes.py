@@ -22,6 +22,7 @@ from service.schemas import (
     Classification,
     ErrorDetail,
     ErrorResponse,
+    ModelInfo,
     Timings,
     TopClass,
 )
@@ -29,8 +30,32 @@ from service.served_model import cheapest_threshold
 from service.uploads import Upload, read_uploads
 
 T = TypeVar("T")
-ERRORS = {code: {"model": ErrorResponse} for code in (413, 415, 422, 429, 500, 503, 504)}
-UNAUTHORIZED = {401: {"model": ErrorResponse, "description": "Missing or wrong bearer token"}}
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
+ERROR_DOCS = {
+    401: ("Missing or wrong bearer token (only when the server sets one)", {
+        "WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}}),
+    413: ("Body over max_body_bytes", None),
+    415: ("Neither multipart/form-data nor (for /classify) image/*", None),
+    422: ("Invalid parameter, body or image", None),
+    429: ("Queue full", RETRY_AFTER),
+    500: ("The batch this image ran in failed", None),
+    503: ("Draining, not ready, or out of device memory even alone", RETRY_AFTER),
+    504: ("No answer before the deadline", None),
+}  # fmt: skip
+
+
+def error_responses(*codes: int) -> dict:
+    """OpenAPI responses for these error statuses, all with the ErrorResponse body."""
+    docs = {code: ERROR_DOCS[code] for code in codes}
+    return {
+        code: {"model": ErrorResponse, "description": text} | ({"headers": headers} if headers else {})
+        for code, (text, headers) in docs.items()
+    }
+
+
+CLASSIFY_ERRORS = error_responses(413, 415, 422, 429, 500, 503, 504)
+BATCH_ERRORS = error_responses(413, 415, 422)  # per-image failures are items of the 200 body
+UNAUTHORIZED = error_responses(401)
 IMAGE_BODY = {
     "requestBody": {
         "required": True,
@@ -66,7 +91,7 @@ health_router = APIRouter(tags=["health"])
 # ---------------------------------------------------------------------------------- classify
 
 
-@classify_router.post("/classify", responses=ERRORS, openapi_extra=IMAGE_BODY)
+@classify_router.post("/classify", responses=CLASSIFY_ERRORS, openapi_extra=IMAGE_BODY)
 async def classify(request: Request, params: ParamsDep, runtime: RuntimeDep) -> Classification:
     """Classify one image: a multipart part ``file`` or a raw image/* body."""
     started = time.perf_counter()
@@ -75,7 +100,7 @@ async def classify(request: Request, params: ParamsDep, runtime: RuntimeDep) -> 
     return await until_disconnect(request, answer(runtime, upload, params, started))
 
 
-@classify_router.post("/classify/batch", responses=ERRORS, openapi_extra=BATCH_BODY)
+@classify_router.post("/classify/batch", responses=BATCH_ERRORS, openapi_extra=BATCH_BODY)
 async def classify_batch(request: Request, params: ParamsDep, runtime: RuntimeDep) -> BatchResponse:
     """Classify several images (every file part, in order); each is answered independently."""
     started = time.perf_counter()
@@ -99,6 +124,7 @@ async def batch_item(runtime: Runtime, index: int, upload: Upload, params: Class
 async def answer(runtime: Runtime, upload: Upload, params: ClassifyParams, started: float) -> Classification:
     """Decode off the event loop, wait for the engine, and build the response."""
     settings, model = runtime.settings, runtime.model
+    runtime.engine.check_admission()  # refuse overload before spending a decode on it
     loop = asyncio.get_running_loop()
     try:
         image = await loop.run_in_executor(
@@ -156,14 +182,14 @@ async def _disconnected(request: Request) -> None:
 # ---------------------------------------------------------------------------------- model
 
 
-@model_router.get("/v1/model")
+@model_router.get("/v1/model", responses=error_responses(422))
 async def describe_model(
     runtime: RuntimeDep,
     target_accuracy: Annotated[
         float | None,
         Query(ge=0, le=1, allow_inf_nan=False, description="also pick the cheapest threshold reaching it"),
     ] = None,
-) -> dict:
+) -> ModelInfo:
     """Preset, stages, heads, classes, preprocessing and the calibration profile (if any)."""
     info = runtime.model.describe() | {
         "default_threshold": runtime.settings.default_threshold,
@@ -172,7 +198,7 @@ async def describe_model(
     }
     if target_accuracy is not None:
         info["recommended"] = cheapest_threshold(runtime.model.calibration, target_accuracy)
-    return info
+    return ModelInfo(**info)
 
 
 # ---------------------------------------------------------------------------------- health
@@ -184,7 +210,10 @@ async def healthz() -> dict:
     return {"status": "alive"}
 
 
-@health_router.get("/readyz")
+NOT_READY = {503: {"description": "Starting or draining", "content": {"application/json": {"schema": {"type": "object"}}}}}
+
+
+@health_router.get("/readyz", responses=NOT_READY)
 async def readyz(runtime: RuntimeDep) -> JSONResponse:
     """Ready: model loaded, every stage warmed up, not draining."""
     engine = runtime.engine
@@ -197,12 +226,17 @@ async def kserve_live() -> dict:
     return {"live": True}
 
 
-@health_router.get("/v2/health/ready")
+@health_router.get("/v2/health/ready", responses=NOT_READY)
 async def kserve_ready(runtime: RuntimeDep) -> JSONResponse:
     ready = runtime.engine.ready
     return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
 
-@health_router.get("/metrics", include_in_schema=False)
+@health_router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"description": "Prometheus text exposition", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
 async def metrics(request: Request) -> Response:
+    """Prometheus metrics (see docs/serving.md for the list)."""
     return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -49,3 +49,30 @@ class BatchItem(BaseModel):
 
 class BatchResponse(BaseModel):
     results: list[BatchItem]
+
+
+class StageInfo(BaseModel):
+    stage: int = Field(description="0-based")
+    heads: int = Field(description="attention heads per layer")
+    width: int = Field(description="embedding width the stage uses")
+    gmacs: float = Field(description="compute of this stage alone")
+    exit_gmacs: float = Field(description="compute of a request that exits at this stage")
+
+
+class ModelInfo(BaseModel):
+    checkpoint: str = Field(description="file name of the served checkpoint")
+    preset: str | None
+    stages: list[StageInfo]
+    num_classes: int
+    class_names: list[str]
+    img_size: int
+    in_chans: int
+    config: dict = Field(description="the model config, as stored in the checkpoint")
+    preprocess: dict = Field(description="resize, crop and normalisation applied to uploads")
+    calibration: dict | None = Field(description="the checkpoint's threshold sweep, if any")
+    default_threshold: float
+    device: str
+    autocast: str
+    recommended: dict | None = Field(
+        None, description="with ?target_accuracy: the cheapest calibration row reaching it"
+    )

@@ -64,9 +64,8 @@ class Server:
         self.thread.join(timeout=60)
 
 
-@pytest.fixture
-def start_server(tiny_checkpoint) -> Iterator[Callable[..., Server]]:
-    """Factory: start_server(hooks=Hooks(...), **settings) -> a running server on 127.0.0.1.
+def launch_server(hooks=None, **settings) -> Server:
+    """A real uvicorn server with these settings on a 127.0.0.1 ephemeral port, in a thread.
 
     The listening socket is bound before the server starts, so clients can connect at once;
     their connections wait in the backlog until the model is loaded and warmed up.
@@ -74,24 +73,28 @@ def start_server(tiny_checkpoint) -> Iterator[Callable[..., Server]]:
     import uvicorn
 
     from service.app import create_app
-    from service.engine import Hooks
     from service.settings import Settings
 
+    app = create_app(Settings(**settings), hooks)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1024)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    return Server(f"http://127.0.0.1:{sock.getsockname()[1]}", app, server, thread)
+
+
+@pytest.fixture
+def start_server(tiny_checkpoint) -> Iterator[Callable[..., Server]]:
+    """Factory: start_server(hooks=Hooks(...), **settings) -> a running server on 127.0.0.1,
+    stopped after the test."""
     servers: list[Server] = []
 
-    def start(hooks: Hooks | None = None, **overrides) -> Server:
-        settings = Settings(**{"checkpoint": tiny_checkpoint, **overrides})
-        app = create_app(settings, hooks)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(128)
-        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        running = Server(f"http://127.0.0.1:{sock.getsockname()[1]}", app, server, thread)
-        servers.append(running)
-        return running
+    def start(hooks=None, **overrides) -> Server:
+        servers.append(launch_server(hooks, **{"checkpoint": tiny_checkpoint, **overrides}))
+        return servers[-1]
 
     yield start
     for running in servers:
