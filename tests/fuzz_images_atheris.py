@@ -24,9 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy  # noqa: E402, F401  (heavy, uninstrumented imports first)
 import torch  # noqa: E402, F401
 
-with atheris.instrument_imports(include=["PIL", "service.images"]):
-    import PIL.Image  # noqa: F401
+with atheris.instrument_imports(include=["PIL", "service", "model"]):
+    import PIL.Image
 
+    PIL.Image.init()  # every format plugin now, so they are instrumented too (Pillow imports them lazily)
     from service.images import decode_image  # noqa: F401
 
 from tests.test_fuzz_images import CORPUS, MODES, check_decode, encode, random_image  # noqa: E402

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.specs.openapi.checks import (  # noqa: E402
     content_type_conformance,
+    ignored_auth,
     response_headers_conformance,
     response_schema_conformance,
     status_code_conformance,
@@ -75,10 +76,46 @@ def test_api_conforms_to_its_schema(case):
     ANSWERS[case.operation.label, response.status_code] += 1
 
 
+TOKEN = "fuzz-token"
+
+
+@pytest.fixture(scope="module")
+def token_server(tiny_checkpoint):
+    server = launch_server(checkpoint=tiny_checkpoint, api_token=TOKEN, max_batch_images=4)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def api_schema_with_token(token_server):
+    return schemathesis.openapi.from_url(f"{token_server.url}/openapi.json", wait_for_schema=60)
+
+
+schema_with_token = schemathesis.pytest.from_fixture("api_schema_with_token")
+
+
+@schema_with_token.parametrize()
+@settings(
+    max_examples=max(5, MAX_EXAMPLES // 3),
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    phases=[Phase.explicit, Phase.generate],
+    derandomize=True,
+)
+def test_api_with_a_token_conforms_and_enforces_it(case):
+    """With a token set: the same checks with the token sent, and ``ignored_auth``: the routes
+    the schema marks as secured answer 401 without it (the others stay open)."""
+    response = case.call_and_validate(
+        headers={"Authorization": f"Bearer {TOKEN}"}, checks=[*CHECKS, ignored_auth], timeout=30
+    )
+    ANSWERS[f"token {case.operation.label}", response.status_code] += 1
+
+
 def test_the_fuzzer_reached_the_model_and_the_limits():
     """Runs after the fuzzing above (same module): valid images were classified, and invalid
     parameters and bodies were refused, through both classify routes."""
     print(f"\nfuzzed requests by (operation, status): {dict(sorted(ANSWERS.items()))}")
     for answer in [("POST /classify", 200), ("POST /classify", 422), ("POST /classify/batch", 200),
-                   ("POST /classify/batch", 422), ("GET /v1/model", 200), ("GET /metrics", 200)]:  # fmt: skip
+                   ("POST /classify/batch", 422), ("GET /v1/model", 200), ("GET /metrics", 200),
+                   ("token POST /classify", 200), ("token POST /classify/batch", 200)]:  # fmt: skip
         assert ANSWERS[answer] > 0, f"the fuzzer never got {answer}"
