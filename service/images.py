@@ -9,7 +9,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model.preprocess import Preprocess, preprocess_image
 
-
 # Formats a client may send. Pillow opens ~40 formats; some decoders are rarely exercised and
 # EPS even runs Ghostscript, so anything else is refused before a decoder sees it.
 FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "TIFF", "BMP")  # JPEG includes MPO (phone photos)

@@ -21,16 +21,16 @@ import atheris
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy  # noqa: E402, F401  (heavy, uninstrumented imports first)
-import torch  # noqa: E402, F401
+import numpy
+import torch
 
 with atheris.instrument_imports(include=["PIL", "service", "model"]):
     import PIL.Image
 
     PIL.Image.init()  # every format plugin now, so they are instrumented too (Pillow imports them lazily)
-    from service.images import decode_image  # noqa: F401
+    from service.images import decode_image
 
-from tests.test_fuzz_images import CORPUS, MODES, check_decode, encode, random_image  # noqa: E402
+from tests.test_fuzz_images import CORPUS, MODES, check_decode, encode, random_image
 
 
 def write_seeds(folder: Path) -> None:

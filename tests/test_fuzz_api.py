@@ -14,9 +14,9 @@ from collections import Counter
 import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, Phase, settings  # noqa: E402
-from schemathesis.checks import not_a_server_error  # noqa: E402
-from schemathesis.specs.openapi.checks import (  # noqa: E402
+from hypothesis import HealthCheck, Phase, settings
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     ignored_auth,
     response_headers_conformance,
@@ -24,7 +24,7 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
     status_code_conformance,
 )
 
-from tests.conftest import launch_server  # noqa: E402
+from tests.conftest import launch_server
 
 MAX_EXAMPLES = int(os.environ.get("THINKINGVIT_FUZZ_EXAMPLES", "30"))
 ANSWERS: Counter = Counter()  # (operation, status) over the whole run

@@ -291,7 +291,7 @@ def test_decoding_stays_within_a_memory_budget():
     space may grow by only MEMORY_LIMIT_MB: nothing allocates for the declared size."""
     run = subprocess.run(
         [sys.executable, "-c", BOUNDED.format(limit=MEMORY_LIMIT_MB)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert run.returncode == 0 and "bounded" in run.stdout, run.stderr[-3000:]
 
