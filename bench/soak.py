@@ -2,7 +2,8 @@
 
 First a closed-loop phase measures the capacity (answers per second with enough clients to keep
 every batch full). Then requests arrive as a Poisson process at ``load_factor`` x that rate for
-``duration_s``, whatever the server answers (open loop). They mix thresholds; a share of the
+``duration_s``, whatever the server answers (open loop; ``send_lag`` says how late the client
+sent them, if it could not keep up). They mix thresholds; a share of the
 clients hang up after a random delay, a share sets a short ``timeout_ms``. Every request must
 end in exactly one way the client can see: 200, 429 (queue full), 504 (its deadline), or the
 client hung up itself. A request that ends otherwise (no answer within ``client_timeout_s``,
@@ -58,26 +59,28 @@ class SoakConfig:
 class SoakReport:
     capacity_rps: float = 0.0  # closed-loop answers per second
     offered_rps: float = 0.0  # the open loop's target arrival rate
-    achieved_rps: float = 0.0  # arrivals actually sent per second
+    achieved_rps: float = 0.0  # arrivals actually sent per second (lower if the client fell behind)
     duration_s: float = 0.0  # of the open-loop phase, until the last answer
     sent: int = 0
     statuses: Counter = field(default_factory=Counter)  # client view: "200", "429", "504", "hung up", ...
     lost: int = 0  # no answer, a transport error or an unexpected status
     lost_examples: list[str] = field(default_factory=list)
-    latencies_ok_s: list[float] = field(default_factory=list)  # 200s, from scheduled arrival
+    latencies_ok_s: list[float] = field(default_factory=list)  # 200s, from sending to the answer
+    send_lag_s: list[float] = field(default_factory=list)  # how late each request left vs its schedule
     server_before: dict = field(default_factory=dict)  # /metrics values as the open loop starts
 
-    def percentile_ms(self, q: float) -> float | None:
-        values = sorted(self.latencies_ok_s)
-        if not values:
-            return None
-        return 1000 * values[min(len(values) - 1, int(q * len(values)))]
-
     def summary(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k not in ("latencies_ok_s", "statuses", "server_before")}
+        hidden = ("latencies_ok_s", "send_lag_s", "statuses", "server_before")
+        out = {k: v for k, v in asdict(self).items() if k not in hidden}
         out["statuses"] = dict(sorted(self.statuses.items()))
-        out |= {"p50_ms": self.percentile_ms(0.50), "p99_ms": self.percentile_ms(0.99)}
+        out |= {"p50_ms": percentile_ms(self.latencies_ok_s, 0.50), "p99_ms": percentile_ms(self.latencies_ok_s, 0.99)}
+        out["send_lag_p99_ms"] = percentile_ms(self.send_lag_s, 0.99)  # the client keeping up?
         return out
+
+
+def percentile_ms(values: list[float], q: float) -> float | None:
+    values = sorted(values)
+    return 1000 * values[min(len(values) - 1, int(q * len(values)))] if values else None
 
 
 def multipart(image: bytes) -> bytes:
@@ -97,7 +100,10 @@ class Soak:
 
     async def run(self) -> SoakReport:
         report = SoakReport()
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+        # One connection per request: with keep-alive, a request sent on a pooled connection
+        # that the server is just closing (idle timeout) fails on the client without ever
+        # reaching the server, HTTP/1.1's keep-alive race, which is the client's to retry.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
         timeout = httpx.Timeout(self.config.client_timeout_s)
         async with httpx.AsyncClient(base_url=self.url, limits=limits, timeout=timeout) as client:
             report.capacity_rps = await self.capacity(client)
@@ -124,8 +130,8 @@ class Soak:
         """Poisson arrivals at the offered rate; each request runs as its own task."""
         cfg, tasks = self.config, []
         start = time.perf_counter()
-        arrival = start
-        while arrival < start + cfg.duration_s:
+        arrival, end = start, start + cfg.duration_s
+        while arrival < end and time.perf_counter() < end:  # a client that falls behind stops on time
             await asyncio.sleep(max(0.0, arrival - time.perf_counter()))
             tasks.append(asyncio.create_task(self.one_request(client, arrival, report)))
             arrival += self.rng.expovariate(report.offered_rps)
@@ -135,7 +141,8 @@ class Soak:
         report.duration_s = time.perf_counter() - start
 
     async def one_request(self, client: httpx.AsyncClient, arrival: float, report: SoakReport) -> None:
-        cfg, roll = self.config, self.rng.random()
+        cfg, roll, sent = self.config, self.rng.random(), time.perf_counter()
+        report.send_lag_s.append(sent - arrival)
         threshold = self.rng.choice(THRESHOLDS)
         if roll < cfg.disconnect_share:
             await self.hang_up(threshold, self.rng.uniform(*cfg.disconnect_after_s), report)
@@ -148,7 +155,7 @@ class Soak:
             return
         status = response.status_code
         if status == 200:
-            report.latencies_ok_s.append(time.perf_counter() - arrival)
+            report.latencies_ok_s.append(time.perf_counter() - sent)
         expected = {200: None, 429: "queue_full", 504: "timeout"}
         if status not in expected or (expected[status] and response.json()["error"]["reason"] != expected[status]):
             self.lose(report, f"{status}: {response.text[:200]}")
