@@ -302,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-queue-size", type=int, default=128)
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--rounds", type=int, default=1, help="soaks in a row on the same server (memory growth)")
     args = p.parse_args(argv)
     env = os.environ | {
         "THINKINGVIT_PORT": str(args.port), "THINKINGVIT_MAX_QUEUE_SIZE": str(args.max_queue_size),
@@ -311,20 +312,24 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://127.0.0.1:{args.port}"
     try:
         wait_ready(url, server)
-        rss_before = rss_mb(server.pid)
-        config = SoakConfig(duration_s=args.duration, load_factor=args.load_factor)
-        report = asyncio.run(Soak(url, test_images(), config).run())
-        after = wait_idle(url)
-        figures = report.summary() | {
-            "server_delta": server_delta(report.server_before, after),
-            "disagreements": check_agreement(report, server_delta(report.server_before, after)),
-            "in_flight_after": {k: after.get(k) for k in ("requests_in_flight", "carried_requests")},
-            "rss_mb": {"before": rss_before, "after": rss_mb(server.pid)},
-            "still_answers": httpx.post(f"{url}/classify", files={"file": ("a.png", test_images(1)[0])}).status_code,
-            "config": asdict(config) | vars(args),
-        }
-        print(json.dumps(figures, indent=2))
-        return 0 if report.lost == 0 and not figures["disagreements"] else 1
+        rounds, failed = [], False
+        for seed in range(args.rounds):  # rounds on the same server: a leak grows with each
+            rss_before = rss_mb(server.pid)
+            config = SoakConfig(duration_s=args.duration, load_factor=args.load_factor, seed=seed)
+            report = asyncio.run(Soak(url, test_images(), config).run())
+            after = wait_idle(url)
+            delta = server_delta(report.server_before, after)
+            figures = report.summary() | {
+                "server_delta": delta,
+                "disagreements": check_agreement(report, delta),
+                "in_flight_after": {k: after.get(k) for k in ("requests_in_flight", "carried_requests")},
+                "rss_mb": {"before": rss_before, "after": rss_mb(server.pid)},
+                "still_answers": httpx.post(f"{url}/classify", files={"file": ("a.png", test_images(1)[0])}).status_code,
+            }
+            rounds.append(figures)
+            failed |= report.lost > 0 or bool(figures["disagreements"])
+        print(json.dumps({"rounds": rounds, "config": asdict(config) | vars(args)}, indent=2))
+        return 1 if failed else 0
     finally:
         server.terminate()
         server.wait(60)

@@ -9,28 +9,41 @@ mode the Hypothesis tests use, plus ``tests/corpus/images/``. The property is th
 tests' ``check_decode``: a valid tensor or ``ImageError``. A failing input is written by libFuzzer
 as ``crash-<sha1>`` (an exception), ``oom-*`` (over -rss_limit_mb) or ``timeout-*``; keep it in
 ``tests/corpus/images/`` once fixed, so CI replays it.
+
+With ``THINKINGVIT_FUZZ_COLLECT=1`` it also keeps, in ``$THINKINGVIT_FUZZ_FINDINGS``
+(default ``fuzz-findings/``), one input per exception type and Pillow source line outside
+``OSError``, ``SyntaxError``, ``ValueError`` and ``EOFError``: the inputs that were 500s before
+``decode_image`` treated every decoder exception as a 422.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 import atheris
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy
-import torch
+import numpy  # noqa: F401  (heavy, uninstrumented imports first)
+import torch  # noqa: F401
 
 with atheris.instrument_imports(include=["PIL", "service", "model"]):
     import PIL.Image
 
     PIL.Image.init()  # every format plugin now, so they are instrumented too (Pillow imports them lazily)
-    from service.images import decode_image
+    from service.images import ImageError, decode_image
 
-from tests.test_fuzz_images import CORPUS, MODES, check_decode, encode, random_image
+from tests.test_fuzz_images import CORPUS, GRAY, MAX_PIXELS, MODES, check_decode, encode, random_image
+
+COLLECT = os.environ.get("THINKINGVIT_FUZZ_COLLECT") == "1"
+FINDINGS = Path(os.environ.get("THINKINGVIT_FUZZ_FINDINGS", "fuzz-findings"))
+NARROW = (OSError, SyntaxError, ValueError, EOFError)  # caught before the fuzzing; others were 500s
+_seen: set[tuple[str, str]] = set()
 
 
 def write_seeds(folder: Path) -> None:
@@ -44,6 +57,26 @@ def write_seeds(folder: Path) -> None:
 
 def one_input(data: bytes) -> None:
     check_decode(data)
+    if COLLECT:
+        collect(data)
+
+
+def collect(data: bytes) -> None:
+    """Keep one input per (exception type, raising line) outside ``NARROW``."""
+    try:
+        decode_image(data, GRAY, MAX_PIXELS)
+    except ImageError as e:
+        cause = e.__cause__
+        if cause is None or isinstance(cause, NARROW):
+            return
+        frame = traceback.extract_tb(cause.__traceback__)[-1]
+        key = (type(cause).__name__, f"{Path(frame.filename).name}:{frame.lineno}")
+        if key not in _seen:
+            _seen.add(key)
+            FINDINGS.mkdir(exist_ok=True)
+            name = f"{key[0]}-{key[1].replace(':', '-')}-{hashlib.sha1(data).hexdigest()[:8]}"
+            (FINDINGS / name).write_bytes(data)
+            print(f"NEW {key}: {cause}", file=sys.stderr, flush=True)
 
 
 def main() -> None:
