@@ -23,6 +23,7 @@ from model.checkpoint import load_checkpoint
 from service.deps import Runtime, require_token
 from service.engine import Engine, Hooks
 from service.errors import ServiceError, invalid
+from service.images import pillow_pixel_limit
 from service.metrics import ServiceMetrics
 from service.routes import UNAUTHORIZED, classify_router, health_router, model_router
 from service.scheduler import Scheduler, SchedulerConfig
@@ -64,7 +65,8 @@ async def lifespan(app: FastAPI, settings: Settings, hooks: Hooks) -> AsyncItera
     engine.start()
     log.info("serving %s on %s: ready", settings.checkpoint.name, engine.worker.device)
     try:
-        yield
+        with pillow_pixel_limit(settings.max_image_pixels):
+            yield
     finally:
         await engine.stop()
         decode_pool.shutdown(wait=False, cancel_futures=True)

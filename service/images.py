@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+from collections.abc import Iterator
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -14,6 +16,23 @@ from model.preprocess import Preprocess, preprocess_image
 FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "TIFF", "BMP")  # JPEG includes MPO (phone photos)
 
 
+@contextlib.contextmanager
+def pillow_pixel_limit(max_pixels: int) -> Iterator[None]:
+    """While the server runs: Pillow's own, process-wide bomb limit at our cap.
+
+    Some plugins allocate while *opening* an image, before ``decode_image`` can read its size:
+    a 43-byte GIF whose frame declares 13000x13000 with a disposal method makes Pillow fill a
+    162 MB buffer. They check ``Image.MAX_IMAGE_PIXELS`` first (and raise above twice it), so
+    half our cap stops them at the cap (between the two, Pillow only warns).
+    """
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max(1, max_pixels // 2)
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
 class ImageError(ValueError):
     """The upload is not a usable image; the message says why."""
 
@@ -22,9 +41,9 @@ def decode_image(data: bytes, cfg: Preprocess, max_pixels: int) -> torch.Tensor:
     """Decode, check the pixel cap from the header before decompressing, and preprocess.
 
     Only ``FORMATS`` are read; an animated image gives its first frame; the EXIF orientation
-    is applied, as a browser would show the photo. PIL's own bomb check
-    (``Image.MAX_IMAGE_PIXELS``, process-wide) stays as a second net; this cap is per server
-    and fires first when smaller.
+    is applied, as a browser would show the photo. Pillow's own bomb check, set to the same
+    cap by ``pillow_pixel_limit`` while the server runs, guards what Pillow allocates before
+    this function sees the size.
     """
     if not data:
         raise ImageError("empty image: the body or file part has zero bytes")
