@@ -1,7 +1,7 @@
 """Coverage-guided fuzzing of the image path with atheris (libFuzzer); a manual run, not CI.
 
     pip install atheris
-    python tests/fuzz_images_atheris.py -max_total_time=600 -rss_limit_mb=3072 -timeout=20
+    python tests/fuzz_images_atheris.py -max_total_time=600 -rss_limit_mb=1024 -timeout=20
 
 Pillow's format parsers (pure Python) and ``service.images`` are instrumented, so libFuzzer
 steers mutations toward new branches in them. The seeds are valid images of every format and
@@ -36,13 +36,14 @@ with atheris.instrument_imports(include=["PIL", "service", "model"]):
     import PIL.Image
 
     PIL.Image.init()  # every format plugin now, so they are instrumented too (Pillow imports them lazily)
-    from service.images import ImageError, decode_image
+    from service.images import ImageError, decode_image, pillow_pixel_limit
 
 from tests.test_fuzz_images import CORPUS, GRAY, MAX_PIXELS, MODES, check_decode, encode, random_image
 
 COLLECT = os.environ.get("THINKINGVIT_FUZZ_COLLECT") == "1"
 FINDINGS = Path(os.environ.get("THINKINGVIT_FUZZ_FINDINGS", "fuzz-findings"))
-NARROW = (OSError, SyntaxError, ValueError, EOFError)  # caught before the fuzzing; others were 500s
+# Caught before the fuzzing; any other exception type was a 500.
+NARROW = (OSError, SyntaxError, ValueError, EOFError, PIL.Image.DecompressionBombError)
 _seen: set[tuple[str, str]] = set()
 
 
@@ -86,7 +87,8 @@ def main() -> None:
     args = [sys.argv[0], *[a for a in sys.argv[1:] if a.startswith("-")], *extra, str(seeds)]
     print(f"seeds: {len(list(seeds.iterdir()))} files in {seeds}", file=sys.stderr)
     atheris.Setup(args, one_input)
-    atheris.Fuzz()
+    with pillow_pixel_limit(MAX_PIXELS):  # as the server sets it while it runs
+        atheris.Fuzz()
 
 
 if __name__ == "__main__":
