@@ -24,9 +24,11 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
+pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
 
 from model.preprocess import Preprocess
 from service.images import FORMATS, ImageError, decode_image
