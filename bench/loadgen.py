@@ -76,8 +76,8 @@ class Sample:
 class RunResult:
     samples: list[Sample] = field(default_factory=list)
     window: tuple[float, float] = (0.0, 0.0)  # the measured interval (after warm-up)
-    client_cpu_s: float = 0.0  # client process CPU time inside the window
-    server_cpu_s: float = 0.0  # server process tree CPU time inside the window
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds inside the window, by meter
+    unfinished: int = 0  # requests still unanswered when the drain after the window ended
     dropped: int = 0  # open loop: arrivals not sent because too many were in flight
 
     def summary(self, num_stages: int | None = None) -> dict:
@@ -102,9 +102,11 @@ class RunResult:
             "accuracy": 100 * sum(s.correct for s in ok) / images if images else math.nan,
             "errors": errors,
             "dropped": self.dropped,
-            "client_cpu_cores": self.client_cpu_s / wall,
-            "server_cpu_cores": self.server_cpu_s / wall,
-        }
+            "unfinished": self.unfinished,
+        } | {f"{name}_cpu_cores": seconds / wall for name, seconds in self.cpu_s.items()}
+        if "machine" in self.cpu_s:  # what neither the client nor the server used: other processes
+            others = self.cpu_s["machine"] - sum(v for k, v in self.cpu_s.items() if k != "machine")
+            out["other_cpu_cores"] = max(0.0, others / wall)
         stages = [e for s in ok for e in s.exit_stages]
         if stages and num_stages:
             out["exit_share"] = [stages.count(k) / len(stages) for k in range(num_stages)]
@@ -173,10 +175,17 @@ class Connection:
 
 
 class LoadGenerator:
-    def __init__(self, base_url: str, server_cpu: Callable[[], float] = lambda: 0.0, timeout_s: float = 60.0):
+    """Runs a workload against one server. ``meters`` are CPU-seconds counters (e.g. the server's
+    process tree, the whole machine) read at the window's ends, next to this process's own."""
+
+    def __init__(
+        self, base_url: str, meters: dict[str, Callable[[], float]] | None = None,
+        timeout_s: float = 60.0, drain_s: float = 10.0,
+    ):  # fmt: skip
         url = urlsplit(base_url)
         self.host, self.port = url.hostname, url.port
-        self.server_cpu, self.timeout_s = server_cpu, timeout_s
+        self.meters = {"client": _cpu_now, **(meters or {})}
+        self.timeout_s, self.drain_s = timeout_s, drain_s  # drain_s: wait for in-flight after the window
 
     def messages(self, work: Workload) -> list[bytes]:
         """Every request of ``work`` as the bytes written on the wire."""
@@ -203,6 +212,16 @@ class LoadGenerator:
             conn = None
         return Sample(start, time.perf_counter(), len(labels), correct, stages, gmacs, error), conn
 
+    async def _drain(self, tasks: set[asyncio.Task]) -> int:
+        """Wait up to ``drain_s`` for requests still in flight, cancel the rest; how many were cancelled."""
+        if not tasks:
+            return 0
+        _, pending = await asyncio.wait(tasks, timeout=self.drain_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        return len(pending)
+
     def closed_loop(
         self, work: Workload, concurrency: int, warmup_s: float, measure_s: float, min_requests: int = 0
     ) -> RunResult:
@@ -212,22 +231,32 @@ class LoadGenerator:
         order, messages = itertools.count(), self.messages(work)
         conns = [await Connection.open(self.host, self.port) for _ in range(concurrency)]
         begin = time.perf_counter()
-        window = _Window(self.server_cpu, begin + warmup_s, begin + warmup_s + measure_s, min_requests)
+        window = _Window(self.meters, begin + warmup_s, begin + warmup_s + measure_s, min_requests)
         opener = asyncio.create_task(window.open_at_start())
         samples: list[Sample] = []
 
         async def user(conn: Connection | None) -> None:
-            while not window.should_close(time.perf_counter()):
-                i = next(order) % len(messages)
-                sample, conn = await self._send(conn, messages[i], work.labels[i], time.perf_counter())
-                window.count(sample)
-                samples.append(sample)
-            if conn is not None:
-                conn.close()
+            try:
+                while not window.should_close(time.perf_counter()):
+                    i = next(order) % len(messages)
+                    sample, conn = await self._send(conn, messages[i], work.labels[i], time.perf_counter())
+                    window.count(sample)
+                    samples.append(sample)
+            finally:
+                if conn is not None:
+                    conn.close()
 
-        await asyncio.gather(*(user(c) for c in conns))
+        users = {asyncio.create_task(user(c)) for c in conns}
+        closed = asyncio.create_task(window.closed.wait())
+        running = set(users)
+        while not closed.done():  # until the window closes, or a user fails (a bug: re-raised)
+            done, running = await asyncio.wait(running | {closed}, return_when=asyncio.FIRST_COMPLETED)
+            running.discard(closed)
+            for task in done - {closed}:
+                task.result()
+        unfinished = await self._drain(users)
         await opener
-        return window.result(samples)
+        return window.result(samples, unfinished=unfinished)
 
     def open_loop(
         self, work: Workload, rate: float, warmup_s: float, measure_s: float, min_requests: int = 0, seed: int = 0
@@ -239,7 +268,6 @@ class LoadGenerator:
         in_flight: set[asyncio.Task] = set()
         samples: list[Sample] = []
         dropped = 0
-
         messages, idle = self.messages(work), []  # idle: open connections not in use
 
         async def arrive(i: int, arrival: float) -> None:
@@ -250,7 +278,7 @@ class LoadGenerator:
             samples.append(sample)
 
         begin = time.perf_counter()
-        window = _Window(self.server_cpu, begin + warmup_s, begin + warmup_s + measure_s, min_requests)
+        window = _Window(self.meters, begin + warmup_s, begin + warmup_s + measure_s, min_requests)
         opener = asyncio.create_task(window.open_at_start())
         arrival = begin
         for i in itertools.count():
@@ -267,32 +295,30 @@ class LoadGenerator:
             task.add_done_callback(in_flight.discard)
             in_flight.add(task)
         await opener
-        if in_flight:
-            await asyncio.wait(in_flight)
+        unfinished = await self._drain(set(in_flight))
         for conn in idle:
             conn.close()
-        result = window.result(samples)
-        result.dropped = dropped
-        return result
+        return window.result(samples, unfinished=unfinished, dropped=dropped)
 
 
 class _Window:
     """The measured interval: it opens after the warm-up and closes at ``t1``, or later if fewer than
-    ``min_requests`` were answered inside it by then; CPU time of client and server inside it."""
+    ``min_requests`` were answered inside it by then; the meters' CPU seconds inside it."""
 
-    def __init__(self, server_cpu: Callable[[], float], t0: float, t1: float, min_requests: int = 0):
-        self.server_cpu, self.t0, self.t1, self.min_requests = server_cpu, t0, t1, min_requests
+    def __init__(self, meters: dict[str, Callable[[], float]], t0: float, t1: float, min_requests: int = 0):
+        self.meters, self.t0, self.t1, self.min_requests = meters, t0, t1, min_requests
         self.answered, self.end = 0, None
-        self._cpu_start: tuple[float, float] | None = None
-        self._cpu_end = (0.0, 0.0)
+        self.closed = asyncio.Event()
+        self._start: dict[str, float] | None = None
+        self._used: dict[str, float] = {}
 
     async def open_at_start(self) -> None:
         await asyncio.sleep(max(0.0, self.t0 - time.perf_counter()))  # the window's start
         self._open()
 
     def _open(self) -> None:
-        if self._cpu_start is None:
-            self._cpu_start = (_cpu_now(), self.server_cpu())
+        if self._start is None:
+            self._start = {name: read() for name, read in self.meters.items()}
 
     def count(self, sample: Sample) -> None:
         if self.end is None and sample.end >= self.t0 and sample.error is None:
@@ -302,13 +328,12 @@ class _Window:
         if self.end is None and now >= self.t1 and self.answered >= self.min_requests:
             self._open()
             self.end = now
-            self._cpu_end = (_cpu_now(), self.server_cpu())
+            self._used = {name: read() - self._start[name] for name, read in self.meters.items()}
+            self.closed.set()
         return self.end is not None
 
-    def result(self, samples: list[Sample]) -> RunResult:
-        start = self._cpu_start or self._cpu_end
-        return RunResult(samples, (self.t0, self.end or self.t1), self._cpu_end[0] - start[0],
-                         self._cpu_end[1] - start[1])  # fmt: skip
+    def result(self, samples: list[Sample], unfinished: int = 0, dropped: int = 0) -> RunResult:
+        return RunResult(samples, (self.t0, self.end or self.t1), self._used, unfinished, dropped)
 
 
 def _cpu_now() -> float:

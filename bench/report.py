@@ -98,14 +98,15 @@ def headline(result: dict) -> str:
 
 def threshold_table(rows: list[dict], title: str) -> str:
     lines = [
-        f"| threshold ({title}) | accuracy % | exit share s0 / s1 | GMACs / image | images/s | "
+        f"| threshold ({title}) | accuracy % (calibration) | exit share s0 / s1 | GMACs / image | images/s | "
         "p50 / p95 / p99 ms | analytic limit images/s | served / limit |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lat, share = r["latency_ms"], r.get("exit_share", [math.nan, math.nan])
         lines.append(
-            f"| {r['threshold']:g} | {_f(r['accuracy'], '.2f')} | {_f(share[0], '.2f')} / {_f(share[1], '.2f')} | "
+            f"| {r['threshold']:g} | {_f(r['accuracy'], '.2f')} ({_f(r.get('calibrated_accuracy'), '.2f')}) | "
+            f"{_f(share[0], '.2f')} / {_f(share[1], '.2f')} | "
             f"{_f(r.get('gmacs_per_image'), '.4f')} | {_f(r['images_per_s'])} | "
             f"{_f(lat['p50'], '.1f')} / {_f(lat['p95'], '.1f')} / {_f(lat['p99'], '.1f')} | "
             f"{_f(r['limit']['images_per_s'])} | {_f(r['limit']['served_over_limit'], '.2f')} |"
@@ -168,16 +169,18 @@ def open_loop_table(result: dict) -> str:
 
 
 def server_table(rows: list[dict]) -> str:
-    lines = ["| threshold | mean batch s0 / s1 | r | in-server compute ms/image s0 / s1 | offline t1 / t2 ms/image | "
-             "client / server CPU (cores) |", "|---|---|---|---|---|---|"]
+    lines = ["| threshold | mean batch s0 / s1 | r | in-server compute ms/image s0 / s1 | offline t1 / t2 ms/image (threads) | "
+             "CPU cores: client / server / other processes |", "|---|---|---|---|---|---|"]
     for r in rows:
         s0, s1 = r["server"]["stages"]
         lim = r["limit"]
         lines.append(
             f"| {r['threshold']:g} | {_f(s0['mean_batch'], '.1f')} / {_f(s1['mean_batch'], '.1f')} | "
             f"{_f(r['server']['r'], '.3f')} | {_f(s0['compute_ms_per_image'], '.3f')} / "
-            f"{_f(s1['compute_ms_per_image'], '.3f')} | {_f(lim['t1_ms'], '.3f')} / {_f(lim['t2_ms'], '.3f')} | "
-            f"{_f(r['client_cpu_cores'], '.2f')} / {_f(r['server_cpu_cores'], '.2f')} |"
+            f"{_f(s1['compute_ms_per_image'], '.3f')} | {_f(lim['t1_ms'], '.3f')} / {_f(lim['t2_ms'], '.3f')} "
+            f"({lim['torch_threads']}) | "
+            f"{_f(r['client_cpu_cores'], '.2f')} / {_f(r['server_cpu_cores'], '.2f')} / "
+            f"{_f(r.get('other_cpu_cores'), '.2f')} |"
         )
     return "\n".join(lines)
 
@@ -187,10 +190,11 @@ def settings_section(result: dict) -> str:
     for name, settings in result["systems_settings"].items():
         shown = ", ".join(f"{k}={v}" for k, v in settings.items())
         lines.append(f"- **{name}**: {shown}")
-    if "litserve" in result["systems"]:
-        lines.append("- LitServe tuning (images/s at the sweep's top concurrency): " + "; ".join(
-            f"batch {t['max_batch_size']}, timeout {t['batch_timeout_ms']:g} ms, {t['workers_per_device']} "
-            f"worker(s): {_f(t['images_per_s'])}" for t in result["systems"]["litserve"]["tuning"]))
+    top = max(result["meta"]["plan"]["sweep"])
+    lines += ["", f"Tuning (full model, {top} closed-loop clients, images/s; the best of each system ran everything):", ""]
+    for name, rows in result.get("tuning", {}).items():
+        if rows:
+            lines.append(f"- {name}: " + "; ".join(f"{r['name']} {_f(r['images_per_s'])}" for r in rows))
     return "\n".join(lines)
 
 
@@ -200,8 +204,10 @@ def markdown(result: dict, curves_png: str, bars_png: str) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
     return f"""# Serving benchmark: {m['machine']}, {m['date']}{' (smoke run: numbers mean nothing)' if m['smoke'] else ''}
 
-Machine: {m['cpu']}, {m['cores']} cores, device {m['device']}, torch threads {m['torch_threads']} in every
-server. Python {m['python']}; {versions}. Event loop and HTTP parser: {m['uvicorn_loop_http']}.
+Machine: {m['cpu']}, {m['cores']} cores, device {m['device']}; torch's default thread count
+{m['default_torch_threads']}, each system's own count tuned (settings below). Python {m['python']}; {versions}.
+Event loop and HTTP parser: {m['uvicorn_loop_http']}. Most CPU used by other processes during any
+measured window: {_f(m['max_other_cpu_cores'], '.2f')} cores (anything above ~0.1 disturbs the figures).
 Model: `{m['checkpoint']}` (preset {m['preset']}); images: {m['image_count']} {m['images']} as PNG.
 Load generator: {m['load_generator']}; it shares the machine with the servers (its CPU use is in the
 tables). Whole run: {m['wall_s']} s.

@@ -112,6 +112,13 @@ def python_command(*args: str) -> list[str]:
 # ------------------------------------------------------------------------------------ /proc
 
 
+def machine_cpu_seconds() -> float:
+    """Busy CPU seconds of the whole machine since boot, summed over cores (/proc/stat)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def _tree(root: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():

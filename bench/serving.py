@@ -37,12 +37,13 @@ from bench import report
 from bench.options import add_arguments
 from bench.limit import StageTimer, analytic_limit, scrape, server_stats
 from bench.loadgen import LoadGenerator, Workload
-from bench.servers import RunningServer, SystemSpec, python_command, start
+from bench.servers import RunningServer, SystemSpec, machine_cpu_seconds, python_command, start
 
 log = logging.getLogger("bench")
 STANDARD_THRESHOLDS = (0.0, 0.5, 0.8, 0.9, 1.0)
 FALLBACK_ELASTIC_THRESHOLD = 0.9  # when the checkpoint has no calibration profile
 OPEN_LOOP_LOAD = 0.7
+OTHER_LOAD_WARNING = 0.25  # cores used by other processes during a run that make it worth a warning
 SYNTHETIC_IMAGES = 512  # distinct synthetic PNGs; requests cycle through them
 
 
@@ -53,15 +54,19 @@ class Plan:
     images: int = 10_000  # test images turned into PNGs (requests cycle through them)
     concurrency: int = 64  # closed-loop clients of the per-threshold runs
     warmup_s: float = 1.0
-    measure_s: float = 8.0
+    measure_s: float = 6.0
     batch_images: int = 32  # images per /classify/batch request
     batch_concurrency: int = 4
     sweep: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     sweep_warmup_s: float = 0.5
-    sweep_measure_s: float = 4.0
+    sweep_measure_s: float = 3.5
     open_loop_warmup_s: float = 1.0
     open_loop_measure_s: float = 10.0
+    # LitServe batching grid: (max_batch_size, batch_timeout_ms, workers_per_device); each is tried
+    # with every torch thread count (per worker) that fits the cores
     litserve_grid: tuple[tuple[int, float, int], ...] = ((32, 2.0, 1), (32, 10.0, 1), (16, 5.0, 2))
+    tune: bool = True  # try each system's torch thread counts (and LitServe's grid), keep the best
+    threads: int = 0  # torch threads per server process when not tuning (0: torch's default)
     tune_measure_s: float = 3.0
     min_requests: int = 20  # a closed-loop window stays open until this many were answered in it
     timing_s: float = 0.25  # offline: least seconds timed per (stage, batch)
@@ -71,7 +76,8 @@ FULL = Plan()
 SMOKE = Plan(
     images=128, concurrency=4, warmup_s=0.2, measure_s=0.5, batch_images=8, batch_concurrency=2,
     sweep=(1, 8), sweep_warmup_s=0.2, sweep_measure_s=0.5, open_loop_warmup_s=0.2,
-    open_loop_measure_s=0.5, litserve_grid=((8, 2.0, 1),), tune_measure_s=0.5, min_requests=4,
+    open_loop_measure_s=0.5, litserve_grid=((8, 2.0, 1),), tune=False, threads=1, tune_measure_s=0.5,
+    min_requests=4,
     timing_s=0.02,
 )  # fmt: skip
 
@@ -172,65 +178,77 @@ def png(image: torch.Tensor) -> bytes:
 # ------------------------------------------------------------------------------------ systems
 
 
-def server_env(ctx: Context) -> dict:
-    return {"OMP_NUM_THREADS": str(ctx.threads), "PYTHONUNBUFFERED": "1"}
+def server_env(threads: int) -> dict:
+    return {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
 
 
-def ours_spec(ctx: Context, name: str = "ours") -> SystemSpec:
+def thread_options(ctx: Context, workers: int = 1) -> list[int]:
+    """Torch thread counts (per process) worth trying: 1 and all cores' share; the default on a GPU."""
+    if not ctx.plan.tune or not ctx.device.startswith("cpu"):
+        return [ctx.plan.threads or max(1, ctx.threads // workers)]
+    return sorted({1, max(1, ctx.threads // workers)})
+
+
+def ours_spec(ctx: Context, threads: int) -> SystemSpec:
     from service.settings import Settings
 
     flags = ["--checkpoint", str(ctx.checkpoint), "--device", ctx.device, "--log-level", "warning"]
     extra = shlex.split(ctx.args.serve_args or "")
     defaults = {name: field.default for name, field in Settings.model_fields.items() if name not in ("host", "port")}
-    recorded = {**defaults, "checkpoint": str(ctx.checkpoint), "device": ctx.device, "log_level": "warning",
-                "extra_flags": extra}  # fmt: skip
+    recorded = {**defaults, "checkpoint": _shown_path(ctx.checkpoint), "device": ctx.device,
+                "log_level": "warning", "extra_flags": extra}  # fmt: skip
     return SystemSpec(
-        name, python_command("-m", "service.cli", "serve", *flags, *extra), "/readyz",
-        {"system": "thinkingvit serve (this repo)", **recorded, "torch_threads": ctx.threads},
-        server_env(ctx),
+        f"ours-t{threads}", python_command("-m", "service.cli", "serve", *flags, *extra), "/readyz",
+        {"system": "thinkingvit serve (this repo)", "torch_threads": threads, **recorded}, server_env(threads),
     )  # fmt: skip
 
 
-def plain_spec(ctx: Context) -> SystemSpec:
-    flags = ["--checkpoint", str(ctx.checkpoint), "--device", ctx.device, "--threads", str(ctx.threads)]
+def plain_spec(ctx: Context, threads: int) -> SystemSpec:
+    flags = ["--checkpoint", str(ctx.checkpoint), "--device", ctx.device, "--threads", str(threads)]
     return SystemSpec(
-        "fastapi", python_command("-m", "bench.peers", "plain", *flags), "/readyz",
+        f"fastapi-t{threads}", python_command("-m", "bench.peers", "plain", *flags), "/readyz",
         {"system": "FastAPI + uvicorn, model inline in the handler, one request at a time",
-         "batching": "none (/classify/batch: the client's batch as one forward)",
-         "device": ctx.device, "torch_threads": ctx.threads, "uvicorn_workers": 1},
-        server_env(ctx),
+         "torch_threads": threads, "batching": "none (/classify/batch: the client's batch as one forward)",
+         "device": ctx.device, "uvicorn_workers": 1},
+        server_env(threads),
     )  # fmt: skip
 
 
-def litserve_spec(ctx: Context, max_batch: int, timeout_ms: float, workers: int) -> SystemSpec:
-    threads = max(1, ctx.threads // workers) if ctx.device == "cpu" else ctx.threads
+def litserve_spec(ctx: Context, max_batch: int, timeout_ms: float, workers: int, threads: int) -> SystemSpec:
     flags = [
         "--checkpoint", str(ctx.checkpoint), "--device", ctx.device, "--threads", str(threads),
         "--max-batch-size", str(max_batch), "--batch-timeout-ms", str(timeout_ms), "--workers", str(workers),
     ]  # fmt: skip
     return SystemSpec(
-        f"litserve-b{max_batch}-t{timeout_ms:g}ms-w{workers}",
+        f"litserve-b{max_batch}-{timeout_ms:g}ms-w{workers}-t{threads}",
         python_command("-m", "bench.peers", "litserve", *flags), "/health",
         {"system": f"LitServe {_version('litserve')}", "max_batch_size": max_batch,
-         "batch_timeout_ms": timeout_ms, "workers_per_device": workers, "num_api_servers": 1,
-         "fast_queue": False, "device": ctx.device, "torch_threads_per_worker": threads},
-        {**server_env(ctx), "OMP_NUM_THREADS": str(threads)},
+         "batch_timeout_ms": timeout_ms, "workers_per_device": workers, "torch_threads": threads,
+         "num_api_servers": 1, "fast_queue": False, "device": ctx.device},
+        server_env(threads),
     )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ runs
 
 
+def generator(server: RunningServer) -> LoadGenerator:
+    return LoadGenerator(server.url, {"server": server.cpu_seconds, "machine": machine_cpu_seconds})
+
+
 def closed(
     server: RunningServer, work: Workload, concurrency: int, warmup_s: float, measure_s: float, min_requests: int
 ) -> dict:
-    gen = LoadGenerator(server.url, server.cpu_seconds)
+    gen = generator(server)
     summary = gen.closed_loop(work, concurrency, warmup_s, measure_s, min_requests).summary(num_stages=2)
+    if summary.get("other_cpu_cores", 0) > OTHER_LOAD_WARNING:
+        log.warning("  other processes used %.2f cores during this run: its figures are disturbed",
+                    summary["other_cpu_cores"])
     return {"concurrency": concurrency, **summary}
 
 
 def open_loop(server: RunningServer, work: Workload, rate: float, plan: Plan) -> dict:
-    gen = LoadGenerator(server.url, server.cpu_seconds)
+    gen = generator(server)
     run = gen.open_loop(work, rate, plan.open_loop_warmup_s, plan.open_loop_measure_s, plan.min_requests)
     summary = run.summary(num_stages=2)
     lat = summary["latency_ms"]
@@ -264,10 +282,31 @@ def sweep_and_open_loop(ctx: Context, server: RunningServer, work: Workload, lab
     return {"sweep": points, "peak": peak, "open_loop": poisson}
 
 
+def tune(ctx: Context, specs: list[SystemSpec], work: Workload) -> tuple[SystemSpec, list[dict]]:
+    """Start each candidate, measure it at the sweep's top concurrency, keep the best (images/s)."""
+    if len(specs) == 1:
+        return specs[0], []
+    plan, top, rows = ctx.plan, max(ctx.plan.sweep), []
+    for spec in specs:
+        server = start(spec, ctx.log_dir)
+        try:
+            row = closed(server, work, top, plan.sweep_warmup_s, plan.tune_measure_s, min_requests=0)
+        finally:
+            server.stop()
+        rows.append({"name": spec.name, **spec.settings, "images_per_s": row["images_per_s"],
+                     "p50_ms": row["latency_ms"]["p50"], "other_cpu_cores": row.get("other_cpu_cores")})  # fmt: skip
+        log.info("  tuning %s: %.0f img/s at c=%d", spec.name, row["images_per_s"], top)
+    best = max(rows, key=lambda r: r["images_per_s"])
+    return next(s for s in specs if s.name == best["name"]), rows
+
+
 def bench_ours(ctx: Context, single: Workload, batch: Workload, thresholds: list[float], elastic: float) -> dict:
     plan, out = ctx.plan, {"single": [], "batch": [], "systems": {}}
-    server = start(ours_spec(ctx), ctx.log_dir)
-    log.info("our server ready in %.1f s at %s", server.startup_s, server.url)
+    full_model = single.with_query("?threshold=1")
+    spec, out["tuning"] = tune(ctx, [ours_spec(ctx, t) for t in thread_options(ctx)], full_model)
+    out["settings"] = spec.settings
+    server = start(spec, ctx.log_dir)
+    log.info("our server (%s) ready in %.1f s at %s", spec.name, server.startup_s, server.url)
     try:
         for t in thresholds:
             out["single"].append(threshold_run(server, single, t, plan.concurrency, plan))
@@ -285,8 +324,9 @@ def bench_ours(ctx: Context, single: Workload, batch: Workload, thresholds: list
 
 
 def bench_plain(ctx: Context, single: Workload, batch: Workload) -> dict:
-    server = start(plain_spec(ctx), ctx.log_dir)
-    log.info("per-request FastAPI ready in %.1f s", server.startup_s)
+    spec, tuning = tune(ctx, [plain_spec(ctx, t) for t in thread_options(ctx)], single)
+    server = start(spec, ctx.log_dir)
+    log.info("per-request FastAPI (%s) ready in %.1f s", spec.name, server.startup_s)
     try:
         run = sweep_and_open_loop(ctx, server, single, "fastapi")
         plan = ctx.plan
@@ -295,27 +335,14 @@ def bench_plain(ctx: Context, single: Workload, batch: Workload) -> dict:
         )
     finally:
         server.stop()
-    return {"startup_s": server.startup_s, **run}
+    return {"startup_s": server.startup_s, "tuning": tuning, "settings": spec.settings, **run}
 
 
 def bench_litserve(ctx: Context, single: Workload) -> dict:
-    """Tune batching on the grid (throughput at the sweep's top concurrency), then the full runs."""
-    plan, top = ctx.plan, max(ctx.plan.sweep)
-    tuning = []
-    for max_batch, timeout_ms, workers in plan.litserve_grid if len(plan.litserve_grid) > 1 else ():
-        spec = litserve_spec(ctx, max_batch, timeout_ms, workers)
-        server = start(spec, ctx.log_dir)
-        try:
-            row = closed(server, single, top, plan.sweep_warmup_s, plan.tune_measure_s, plan.min_requests)
-        finally:
-            server.stop()
-        tuning.append({**spec.settings, "images_per_s": row["images_per_s"], "p50_ms": row["latency_ms"]["p50"]})
-        log.info("  LitServe %s: %.0f img/s at c=%d", spec.name, row["images_per_s"], top)
-    if tuning:
-        best = max(tuning, key=lambda r: r["images_per_s"])
-        spec = litserve_spec(ctx, best["max_batch_size"], best["batch_timeout_ms"], best["workers_per_device"])
-    else:
-        spec = litserve_spec(ctx, *plan.litserve_grid[0])
+    """Tune batching and threads on the grid, then the sweep and the open-loop run with the best."""
+    grid = ctx.plan.litserve_grid if ctx.plan.tune else ctx.plan.litserve_grid[:1]
+    specs = [litserve_spec(ctx, b, ms, w, t) for b, ms, w in grid for t in thread_options(ctx, w)]
+    spec, tuning = tune(ctx, specs, single)
     server = start(spec, ctx.log_dir)
     log.info("LitServe (%s) ready in %.1f s", spec.name, server.startup_s)
     try:
@@ -326,24 +353,32 @@ def bench_litserve(ctx: Context, single: Workload) -> dict:
 
 
 def add_limits(ctx: Context, ours: dict) -> dict:
-    """In-process per-stage timings at the batch sizes each run saw; limit and served/limit."""
+    """In-process per-stage timings at the batch sizes each run saw, for every torch thread count
+    tried; a row's limit is the best over thread counts (what the machine can do offline)."""
     from model.checkpoint import load_checkpoint
     from model.train import normalise
 
     loaded = load_checkpoint(ctx.checkpoint, device=ctx.device)
     loaded.model.set_attention_backend("auto")
-    sizes = [r["server"]["stages"][s]["mean_batch"] for r in ours["single"] + ours["batch"] for s in (0, 1)]
-    n = max(1, math.ceil(max(sizes)))
+    rows = ours["single"] + ours["batch"]
+    n = max(1, math.ceil(max(r["server"]["stages"][s]["mean_batch"] for r in rows for s in (0, 1))))
     raw = torch.stack([torch_image(p) for p in ctx.pngs[:n]] * math.ceil(n / len(ctx.pngs[:n])))[:n]
-    timer = StageTimer(loaded.model, normalise(raw, loaded.preprocess), torch.device(ctx.device), ctx.plan.timing_s)
-    for row in ours["single"] + ours["batch"]:
-        s0, s1 = row["server"]["stages"]
-        t1 = timer.per_image_s(0, s0["mean_batch"] or 1)
-        t2 = timer.per_image_s(1, s1["mean_batch"] or 1)
-        limit = analytic_limit(t1, t2, row["server"]["r"])
-        row["limit"] = {"t1_ms": 1000 * t1, "t2_ms": 1000 * t2, "r": row["server"]["r"],
-                        "images_per_s": limit, "served_over_limit": report.ratio(row["images_per_s"], limit)}  # fmt: skip
-    return {"stage_timings": timer.table()}
+    images = normalise(raw, loaded.preprocess)
+    tables = {}
+    for threads in sorted({*thread_options(ctx), ours["settings"]["torch_threads"]}):
+        torch.set_num_threads(threads)
+        timer = StageTimer(loaded.model, images, torch.device(ctx.device), ctx.plan.timing_s)
+        for row in rows:
+            s0, s1 = row["server"]["stages"]
+            t1 = timer.per_image_s(0, s0["mean_batch"] or 1)
+            t2 = timer.per_image_s(1, s1["mean_batch"] or 1)
+            limit = {"torch_threads": threads, "t1_ms": 1000 * t1, "t2_ms": 1000 * t2, "r": row["server"]["r"],
+                     "images_per_s": analytic_limit(t1, t2, row["server"]["r"])}  # fmt: skip
+            if limit["images_per_s"] > row.get("limit", {}).get("images_per_s", 0.0):
+                row["limit"] = limit | {"served_over_limit": report.ratio(row["images_per_s"], limit["images_per_s"])}
+        tables[str(threads)] = timer.table()
+    torch.set_num_threads(ctx.threads)
+    return {"stage_timings_by_threads": tables}
 
 
 def torch_image(png_bytes: bytes) -> torch.Tensor:
@@ -360,7 +395,20 @@ def torch_image(png_bytes: bytes) -> torch.Tensor:
 # ------------------------------------------------------------------------------------ report
 
 
-def metadata(ctx: Context, started: float) -> dict:
+def max_other_load(rows: list[dict]) -> float | None:
+    """The most CPU (in cores) other processes used during any measured window."""
+    loads = [r["other_cpu_cores"] for r in rows if r.get("other_cpu_cores") is not None]
+    return max(loads, default=None)
+
+
+def all_runs(ours: dict, systems: dict) -> list[dict]:
+    runs = ours["single"] + ours["batch"]
+    for s in systems.values():
+        runs += s["sweep"] + [s["open_loop"]] + ([s["batch_endpoint"]] if "batch_endpoint" in s else [])
+    return runs
+
+
+def metadata(ctx: Context, started: float, result_rows: list[dict]) -> dict:
     from model.checkpoint import read_metadata
 
     meta = read_metadata(ctx.checkpoint)
@@ -370,7 +418,8 @@ def metadata(ctx: Context, started: float) -> dict:
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "device": torch.cuda.get_device_name(0) if ctx.device.startswith("cuda") else "cpu",
-        "torch_threads": ctx.threads,
+        "default_torch_threads": ctx.threads,
+        "max_other_cpu_cores": max_other_load(result_rows),
         "python": platform.python_version(),
         "versions": {p: _version(p) for p in ("torch", "fastapi", "starlette", "uvicorn", "httpx", "litserve",
                                               "uvloop", "httptools", "pydantic")},
@@ -433,10 +482,21 @@ def _has(module: str) -> bool:
 def _brief(row: dict) -> str:
     lat = row["latency_ms"]
     return (f"{row['images_per_s']:.0f} img/s, acc {row['accuracy']:.2f} %, p50 {lat['p50']:.1f} ms, "
-            f"p99 {lat['p99']:.1f} ms, r {row['server']['r']:.2f}, client {row['client_cpu_cores']:.2f} cores")
+            f"p99 {lat['p99']:.1f} ms, r {row['server']['r']:.2f}, CPU cores: server {row['server_cpu_cores']:.2f}, "
+            f"client {row['client_cpu_cores']:.2f}, other processes {row['other_cpu_cores']:.2f}")
 
 
 # ------------------------------------------------------------------------------------ main
+
+
+def add_calibrated_accuracy(result: dict, checkpoint: Path) -> None:
+    """Each threshold row's accuracy on the calibration split, from the checkpoint's profile."""
+    from model.checkpoint import read_metadata
+
+    rows = (read_metadata(checkpoint).get("calibration") or {}).get("rows", [])
+    by_threshold = {round(r["threshold"], 6): r["accuracy"] for r in rows}
+    for row in result["thresholds"] + result["batch_endpoint"]:
+        row["calibrated_accuracy"] = by_threshold.get(round(row["threshold"], 6))
 
 
 def elastic_threshold(checkpoint: Path) -> tuple[float, str]:
@@ -490,17 +550,19 @@ def run(args: argparse.Namespace) -> dict:
     offline = add_limits(ctx, ours)
 
     result = {
-        "meta": metadata(ctx, started),
+        "meta": metadata(ctx, started, all_runs(ours, systems)),
         "elastic_threshold": {"threshold": elastic, "why": why},
         "systems_settings": {
-            "ours": ours_spec(ctx).settings, "fastapi": plain_spec(ctx).settings,
+            "ours": ours["settings"], "fastapi": systems["fastapi"]["settings"],
             **({"litserve": systems["litserve"]["settings"]} if "litserve" in systems else {}),
         },
+        "tuning": {"ours": ours["tuning"], **{k: systems[k]["tuning"] for k in ("fastapi", "litserve") if k in systems}},
         "thresholds": ours["single"],
         "batch_endpoint": ours["batch"],
         "offline": offline,
         "systems": systems,
     }
+    add_calibrated_accuracy(result, checkpoint)
     result["goals"] = report.goals(result)
     paths = report.write(result, args.out or (tmp if args.smoke else Path(__file__).parent / "results"))
     log.info("wrote %s", ", ".join(map(str, paths)))
