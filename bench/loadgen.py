@@ -196,17 +196,25 @@ class LoadGenerator:
         ]
 
     async def _send(self, conn: Connection | None, message: bytes, labels: list[int], start: float):
-        """(sample, the connection to reuse or None)."""
-        try:
-            conn = conn or await Connection.open(self.host, self.port)
-            async with asyncio.timeout(self.timeout_s):
-                status, body = await conn.request(message)
-            correct, stages, gmacs, error = parse(status, body, labels)
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError, KeyError) as e:
-            correct, stages, gmacs, error = 0, [], 0.0, type(e).__name__
-            if conn is not None:
-                conn.close()
-            conn = None
+        """(sample, the connection to reuse or None). A reused connection the server has closed
+        meanwhile (its keep-alive timeout) is replaced once, as HTTP clients do."""
+        for retry in (True, False):
+            reused = conn is not None
+            try:
+                conn = conn or await Connection.open(self.host, self.port)
+                async with asyncio.timeout(self.timeout_s):
+                    status, body = await conn.request(message)
+                correct, stages, gmacs, error = parse(status, body, labels)
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError,
+                    KeyError) as e:  # fmt: skip
+                correct, stages, gmacs, error = 0, [], 0.0, type(e).__name__
+                if conn is not None:
+                    conn.close()
+                conn = None
+                stale = isinstance(e, (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError))
+                if retry and reused and stale:
+                    continue
+            break
         if conn is not None and not conn.usable:
             conn.close()
             conn = None

@@ -1,7 +1,7 @@
 """The serving benchmark of issue #7: our server at several thresholds against its analytic limit and
 against peers serving the full model, all over HTTP under one load generator.
 
-    python -m bench                         # the shipped model, Fashion-MNIST test PNGs (~6 min on 2 cores)
+    python -m bench                         # the shipped model, Fashion-MNIST test PNGs (~5 min on 2 cores)
     python -m bench --smoke                 # a tiny random model, seconds (CI)
     python -m bench --device cuda --preset deit-s-3-6 --synthetic   # ImageNet-size, random weights
     thinkingvit bench ...                   # the same
