@@ -26,8 +26,8 @@ class StageTimer:
         self.images = images.to(device)  # (n, C, H, W) normalised, n >= the largest batch timed
         self.cache: dict[tuple[int, int], float] = {}
 
-    def per_image_s(self, stage: int, batch: int) -> float:
-        batch = max(1, min(int(round(batch)), len(self.images)))
+    def per_image_s(self, stage: int, batch: float) -> float:
+        batch = max(1, min(round(batch), len(self.images)))
         if (stage, batch) not in self.cache:
             self.cache[(stage, batch)] = self._time(stage, batch) / batch
         return self.cache[(stage, batch)]

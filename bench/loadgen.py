@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import math
 import random
 import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import json
 from urllib.parse import urlsplit
 
 BOUNDARY = "thinkingvit-bench-boundary"
@@ -50,14 +49,14 @@ class Workload:
     labels: list[list[int]]  # per request, the label of each image in it
 
     @classmethod
-    def build(cls, pngs: list[bytes], labels: list[int], batch: int = 1, query: str = "") -> "Workload":
+    def build(cls, pngs: list[bytes], labels: list[int], batch: int = 1, query: str = "") -> Workload:
         if batch == 1:
             return cls("/classify", query, [multipart([p], "file") for p in pngs], [[l] for l in labels])
         groups = range(0, len(pngs) - batch + 1, batch)
         bodies = [multipart(pngs[i : i + batch], "files") for i in groups]
         return cls("/classify/batch", query, bodies, [labels[i : i + batch] for i in groups])
 
-    def with_query(self, query: str) -> "Workload":
+    def with_query(self, query: str) -> Workload:
         return Workload(self.path, query, self.bodies, self.labels)
 
 
@@ -146,7 +145,7 @@ class Connection:
         self.reader, self.writer, self.usable = reader, writer, True
 
     @classmethod
-    async def open(cls, host: str, port: int) -> "Connection":
+    async def open(cls, host: str, port: int) -> Connection:
         return cls(*await asyncio.open_connection(host, port))
 
     async def request(self, message: bytes) -> tuple[int, bytes]:

@@ -11,7 +11,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="serve random weights of this preset (e.g. deit-s-3-6) instead of a checkpoint")
     p.add_argument("--synthetic", action="store_true", help="random images at the model's size, random labels")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N], for every server and the offline timings")
-    p.add_argument("--smoke", action="store_true", help="tiny random model, tiny counts: checks the harness runs")
+    p.add_argument("--smoke", action="store_true", help="tiny counts (and a tiny random model unless --preset/--checkpoint): checks the harness runs")
     p.add_argument("--no-litserve", action="store_true", help="leave LitServe out")
     p.add_argument("--machine", help="name in the result files (default: cpu-<N>core or the GPU's name)")
     p.add_argument("--out", type=Path, help="results folder (default: bench/results; --smoke: a temporary one)")

@@ -98,8 +98,10 @@ def headline(result: dict) -> str:
 
 def threshold_table(rows: list[dict], title: str) -> str:
     lines = [
-        f"| threshold ({title}) | accuracy % (calibration) | exit share s0 / s1 | GMACs / image | images/s | "
-        "p50 / p95 / p99 ms | analytic limit images/s | served / limit |",
+        (
+            f"| threshold ({title}) | accuracy % (calibration) | exit share s0 / s1 | GMACs / image | images/s | "
+            "p50 / p95 / p99 ms | analytic limit images/s | served / limit |"
+        ),
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -117,8 +119,10 @@ def threshold_table(rows: list[dict], title: str) -> str:
 def peers_table(result: dict) -> str:
     ours = result["systems"][elastic_name(result)]["peak"]["images_per_s"]
     lines = [
-        "| system (single-image requests) | accuracy % | peak images/s (at clients) | p50 / p99 ms at peak | "
-        f"{elastic_name(result)} / system |",
+        (
+            "| system (single-image requests) | accuracy % | peak images/s (at clients) | p50 / p99 ms at peak | "
+            f"{elastic_name(result)} / system |"
+        ),
         "|---|---|---|---|---|",
     ]
     for name, s in result["systems"].items():
@@ -169,8 +173,11 @@ def open_loop_table(result: dict) -> str:
 
 
 def server_table(rows: list[dict]) -> str:
-    lines = ["| threshold | mean batch s0 / s1 | r | in-server compute ms/image s0 / s1 | offline t1 / t2 ms/image (threads) | "
-             "CPU cores: client / server / other processes |", "|---|---|---|---|---|---|"]
+    header = (
+        "| threshold | mean batch s0 / s1 | r | in-server compute ms/image s0 / s1 | "
+        "offline t1 / t2 ms/image (threads) | CPU cores: client / server / other processes |"
+    )
+    lines = [header, "|---|---|---|---|---|---|"]
     for r in rows:
         s0, s1 = r["server"]["stages"]
         lim = r["limit"]

@@ -115,7 +115,7 @@ def python_command(*args: str) -> list[str]:
 def machine_cpu_seconds() -> float:
     """Busy CPU seconds of the whole machine since boot, summed over cores (/proc/stat)."""
     fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 

@@ -17,27 +17,31 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import logging
 import math
 import os
 import platform
 import shlex
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import torch
 
 from bench import report
-from bench.options import add_arguments
 from bench.limit import StageTimer, analytic_limit, scrape, server_stats
 from bench.loadgen import LoadGenerator, Workload
-from bench.servers import RunningServer, SystemSpec, machine_cpu_seconds, python_command, start
+from bench.options import add_arguments
+from bench.servers import (
+    RunningServer,
+    SystemSpec,
+    machine_cpu_seconds,
+    python_command,
+    start,
+)
 
 log = logging.getLogger("bench")
 STANDARD_THRESHOLDS = (0.0, 0.5, 0.8, 0.9, 1.0)
@@ -103,7 +107,7 @@ def resolve_checkpoint(args, tmp: Path) -> Path:
     if args.checkpoint:
         return Path(args.checkpoint)
     if args.smoke or args.preset:
-        return random_checkpoint("tiny-test" if args.smoke else args.preset, tmp / "random.safetensors")
+        return random_checkpoint(args.preset or "tiny-test", tmp / "random.safetensors")
     from service.settings import DEFAULT_CHECKPOINT
 
     return DEFAULT_CHECKPOINT
@@ -256,7 +260,7 @@ def open_loop(server: RunningServer, work: Workload, rate: float, plan: Plan) ->
 
 
 def threshold_run(server: RunningServer, work: Workload, threshold: float, concurrency: int, plan: Plan) -> dict:
-    metrics = lambda: scrape(httpx.get(server.url + "/metrics", timeout=10).text)  # noqa: E731
+    metrics = lambda: scrape(httpx.get(server.url + "/metrics", timeout=10).text)
     before = metrics()
     row = closed(
         server, work.with_query(f"?threshold={threshold:g}"), concurrency, plan.warmup_s, plan.measure_s,
@@ -413,7 +417,7 @@ def metadata(ctx: Context, started: float, result_rows: list[dict]) -> dict:
 
     meta = read_metadata(ctx.checkpoint)
     return {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": ctx.args.machine or machine_name(ctx.device),
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
