@@ -17,28 +17,20 @@ import httpx
 import pytest
 import torch
 
-from tests.conftest import metric_value
+from tests.conftest import WorkerGate, metric_value
 from tests.test_service_limits import assert_error, post_image
 
 TIMEOUT_S = 60
 Fault = Callable[[int, tuple[int, ...]], None]  # raises to fail the batch, may block
 
 
-class FaultyDevice:
-    """Engine hooks: record batches, hold the worker in the next batch, run an injected fault."""
+class FaultyDevice(WorkerGate):
+    """WorkerGate's recording, plus holding the next batch on demand and running an injected fault."""
 
     def __init__(self):
-        self.batches: list[tuple[int, tuple[int, ...]]] = []  # (stage, request ids), every batch
-        self.admitted: list[int] = []
-        self.aborted: list[int] = []
+        super().__init__()
         self.fault: Fault | None = None
-        self._hold_next, self._held, self._released = threading.Event(), threading.Event(), threading.Event()
-        self._changed = threading.Condition()
-
-    def hooks(self):
-        from service.engine import Hooks
-
-        return Hooks(before_batch=self._before_batch, on_admit=self._on_admit, on_abort=self._on_abort)
+        self._hold_next, self._held = threading.Event(), threading.Event()
 
     def hold_next_batch(self) -> None:
         self._hold_next.set()
@@ -46,12 +38,8 @@ class FaultyDevice:
     def wait_held(self) -> None:
         assert self._held.wait(TIMEOUT_S), "the worker never started the held batch"
 
-    def release(self) -> None:
-        self._released.set()
-
     def wait_for(self, predicate: Callable[[], bool], what: str) -> None:
-        with self._changed:
-            assert self._changed.wait_for(predicate, TIMEOUT_S), f"timed out waiting for {what}"
+        self._wait_for(predicate, what)
 
     def _before_batch(self, stage: int, request_ids) -> None:
         if self._hold_next.is_set():
@@ -62,16 +50,6 @@ class FaultyDevice:
             self.batches.append((stage, tuple(request_ids)))
         if self.fault is not None:
             self.fault(stage, tuple(request_ids))
-
-    def _on_admit(self, request_id: int) -> None:
-        with self._changed:
-            self.admitted.append(request_id)
-            self._changed.notify_all()
-
-    def _on_abort(self, request_id: int) -> None:
-        with self._changed:
-            self.aborted.append(request_id)
-            self._changed.notify_all()
 
 
 @pytest.fixture
