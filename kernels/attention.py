@@ -7,7 +7,8 @@ of which only the first k heads are read are accepted too (:func:`qkv_views`). B
 - ``sdpa``: PyTorch scaled_dot_product_attention on strided views (no explicit copies);
 - ``triton``: our Triton kernel, reading q/k/v straight from the packed tensor (CUDA, or CPU
   tensors under ``TRITON_INTERPRET=1``);
-- ``auto``: Triton on CUDA tensors when it imports, SDPA elsewhere.
+- ``auto``: Triton on CUDA tensors when it imports, SDPA elsewhere, and SDPA whenever autograd
+  needs a gradient: the kernel is forward-only (inference), so training always runs SDPA.
 
 ``THINKINGVIT_ATTENTION_BACKEND`` overrides the default backend for the whole process.
 """
@@ -36,20 +37,28 @@ def interpreting() -> bool:
 TRITON_HEAD_DIMS = (16, 32, 64)  # head sizes the Triton kernel is built for
 
 
-def resolve_backend(backend: str | None, device: torch.device, head_dim: int | None = None) -> str:
+def resolve_backend(
+    backend: str | None, device: torch.device, head_dim: int | None = None, needs_grad: bool = False
+) -> str:
     """Map a backend setting to the implementation that will actually run on ``device``.
 
-    ``auto`` falls back to SDPA for head sizes the kernel does not cover; an explicit ``triton``
-    does not (the kernel then says why it refuses).
+    ``auto`` falls back to SDPA for head sizes the kernel does not cover and when a gradient is
+    needed; an explicit ``triton`` does not (the kernel then says why it refuses, and training
+    through it is refused here, since its output would silently carry no gradient).
     """
     backend = backend or default_backend()
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}: expected one of {BACKENDS}")
     if backend == "auto":
         supported = head_dim is None or head_dim in TRITON_HEAD_DIMS
-        if device.type == "cuda" and supported and _triton_available():
+        if device.type == "cuda" and supported and not needs_grad and _triton_available():
             return "triton"
         return "sdpa"
+    if backend == "triton" and needs_grad:
+        raise RuntimeError(
+            "attention backend 'triton' is forward-only and cannot train: use 'sdpa' or 'auto' "
+            "(auto runs SDPA whenever a gradient is needed)"
+        )
     if backend == "triton" and device.type != "cuda" and not interpreting():
         raise RuntimeError(
             "attention backend 'triton' needs a CUDA tensor; on CPU it runs only under the "
@@ -105,7 +114,8 @@ def sliced_attention(
     Returns ``(B, N, k*hd)``, heads concatenated token-major, as the output projection reads it.
     """
     q, k, v = qkv_views(qkv, num_heads, head_dim, layout)  # each (B, N, k, hd)
-    if resolve_backend(backend, qkv.device, head_dim) == "triton":
+    needs_grad = torch.is_grad_enabled() and qkv.requires_grad
+    if resolve_backend(backend, qkv.device, head_dim, needs_grad) == "triton":
         from kernels.triton_attention import triton_attention
 
         return triton_attention(q, k, v)

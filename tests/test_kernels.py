@@ -224,3 +224,16 @@ def test_auto_falls_back_to_sdpa_for_head_sizes_the_kernel_lacks(monkeypatch):
     monkeypatch.setattr("kernels.attention._triton_available", lambda: True)
     assert resolve_backend("auto", torch.device("cuda"), head_dim=8) == "sdpa"
     assert resolve_backend("auto", torch.device("cuda"), head_dim=64) == "triton"
+
+
+def test_training_never_runs_the_forward_only_kernel(monkeypatch):
+    """A gradient through attention must exist: auto trains through SDPA, explicit triton refuses."""
+    monkeypatch.setattr("kernels.attention._triton_available", lambda: True)
+    assert resolve_backend("auto", torch.device("cuda"), head_dim=16, needs_grad=True) == "sdpa"
+    qkv = make_qkv(2, 17, 2, 16, "head_major", F32).requires_grad_()
+    with pytest.raises(RuntimeError, match="forward-only"):
+        sliced_attention(qkv, 2, 16, "triton")
+    sliced_attention(qkv, 2, 16, "auto").sum().backward()
+    assert qkv.grad is not None and qkv.grad.abs().sum() > 0
+    with torch.no_grad():  # inference through the kernel stays allowed
+        sliced_attention(qkv, 2, 16, "triton")
