@@ -85,7 +85,7 @@ def build_engine(settings: Settings, metrics: ServiceMetrics, hooks: Hooks) -> t
         max_wait_s=tuple(ms / 1000 for ms in settings.per_stage("max_wait_ms", num_stages)),
         max_queue_size=settings.max_queue_size,
     )
-    worker = Worker(loaded.model, device, settings.autocast, hooks.before_batch)
+    worker = Worker(loaded.model, device, settings.autocast, hooks.before_batch, isolate=settings.model_process)
     worker.submit(worker.warm_up, config.max_batch_sizes).result()
     metrics.init_stages(num_stages)
     engine = Engine(

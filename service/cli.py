@@ -120,6 +120,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = f"{field.description} (env {env}, default {field.default})"
         if isinstance(field.default, list):
             parser.add_argument(flag, nargs="+", help=help_text, default=argparse.SUPPRESS)
+        elif isinstance(field.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text, default=argparse.SUPPRESS)
         else:
             parser.add_argument(flag, help=help_text, default=argparse.SUPPRESS)
 

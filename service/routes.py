@@ -204,19 +204,26 @@ async def describe_model(
 # ---------------------------------------------------------------------------------- health
 
 
-@health_router.get("/healthz")
-async def healthz() -> dict:
-    """Alive: the process serves HTTP."""
-    return {"status": "alive"}
-
-
 NOT_READY = {503: {"description": "Starting or draining", "content": {"application/json": {"schema": {"type": "object"}}}}}
+DEAD = {503: {"description": "The model process died", "content": {"application/json": {"schema": {"type": "object"}}}}}
+
+
+@health_router.get("/healthz", responses=DEAD)
+async def healthz(request: Request) -> JSONResponse:
+    """Alive: the process serves HTTP and, once loaded, its model worker still runs (a liveness
+    probe then restarts a server whose model process died)."""
+    runtime = getattr(request.app.state, "runtime", None)
+    if runtime is not None and not runtime.engine.worker.alive():
+        return JSONResponse({"status": "dead", "reason": "the model worker is gone"}, status_code=503)
+    return JSONResponse({"status": "alive"})
 
 
 @health_router.get("/readyz", responses=NOT_READY)
 async def readyz(runtime: RuntimeDep) -> JSONResponse:
     """Ready: model loaded, every stage warmed up, not draining."""
     engine = runtime.engine
+    if not engine.worker.alive():
+        return JSONResponse({"status": "dead"}, status_code=503)
     status = "ready" if engine.ready else ("draining" if engine.draining else "starting")
     return JSONResponse({"status": status}, status_code=200 if engine.ready else 503)
 
@@ -228,7 +235,7 @@ async def kserve_live() -> dict:
 
 @health_router.get("/v2/health/ready", responses=NOT_READY)
 async def kserve_ready(runtime: RuntimeDep) -> JSONResponse:
-    ready = runtime.engine.ready
+    ready = runtime.engine.ready and runtime.engine.worker.alive()
     return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
 

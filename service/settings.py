@@ -25,6 +25,11 @@ class Settings(BaseSettings):
     autocast: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="compute dtype on CUDA; other than float32 needs a CUDA device"
     )
+    model_process: bool = Field(
+        True,
+        description="run the model in a child process with its own interpreter lock, so HTTP and "
+        "decoding do not stall its op dispatch; false runs it on a thread of the server process",
+    )
     attention_backend: Literal["auto", "triton", "sdpa"] = Field(
         "auto", description="attention implementation (see kernels.attention)"
     )

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+STARTUP_TIMEOUT_S = 120  # loading, spawning the model process and warming up, on a busy machine
 TINY_CLASSES = [f"class-{i}" for i in range(10)]
 
 
@@ -68,8 +69,11 @@ def launch_server(hooks=None, **settings) -> Server:
     """A real uvicorn server with these settings on a 127.0.0.1 ephemeral port, in a thread.
 
     The listening socket is bound before the server starts, so clients can connect at once;
-    their connections wait in the backlog until the model is loaded and warmed up.
+    their connections wait in the backlog until the model is loaded and warmed up (uvicorn accepts
+    only after the lifespan's startup). One such request returns when the server is up, so tests
+    start with a ready server whatever their own client timeouts are.
     """
+    import httpx
     import uvicorn
 
     from service.app import create_app
@@ -83,7 +87,9 @@ def launch_server(hooks=None, **settings) -> Server:
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    return Server(f"http://127.0.0.1:{sock.getsockname()[1]}", app, server, thread)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    httpx.get(f"{url}/healthz", timeout=STARTUP_TIMEOUT_S).raise_for_status()
+    return Server(url, app, server, thread)
 
 
 @pytest.fixture

@@ -169,14 +169,14 @@ def test_exception_in_a_batch_fails_only_that_batch(start_server, test_images, b
     assert "injected fault" in error["message"]
     assert [f.result().status_code for f in others] == [200, 200]
     assert post_image(server.url, test_images[3]).status_code == 200
-    assert server.app.state.runtime.engine.worker.carried == {}
+    assert server.app.state.runtime.engine.worker.carried == set()
 
 
 def test_no_carried_tokens_leak(start_server, test_images):
     server = start_server()
     files = [("files", (f"{i}.png", image, "image/png")) for i, image in enumerate(test_images[:8])]
     assert httpx.post(f"{server.url}/classify/batch", params={"threshold": 1}, files=files).status_code == 200
-    assert server.app.state.runtime.engine.worker.carried == {}
+    assert server.app.state.runtime.engine.worker.carried == set()
 
 
 # ---------------------------------------------------------------------------------- drain
