@@ -22,9 +22,9 @@ from model.thinkingvit import ThinkingViT, create_model
 @dataclass
 class TrainSettings:
     preset: str = "fmnist-3-6"
-    epochs: int = 26
-    batch_size: int = 128
-    lr: float = 2e-3
+    epochs: int = 20  # about 85 minutes on the 2-core CPU (4 min/epoch at 250 img/s)
+    batch_size: int = 64  # more updates per epoch: the budget is passes over the data, not capacity
+    lr: float = 1.5e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0  # 0.1 caps confidence near 0.78 on 10 classes: thresholds lose meaning
