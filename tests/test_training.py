@@ -14,7 +14,7 @@ from model.evaluate import calibration_profile, default_thresholds, sweep, thres
 from model.preprocess import FASHION_MNIST
 from model.train import TrainSettings, normalise, train
 
-SETTINGS = TrainSettings(preset="fmnist-3-6", epochs=2, batch_size=32, lr=2e-3, warmup_epochs=0.5, threads=1)
+SETTINGS = TrainSettings(preset="fmnist-3-6", epochs=3, batch_size=32, lr=1e-3, warmup_epochs=0.25, threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, fmnist, capsys):
     assert "resuming" in capsys.readouterr().out
     straight = tmp_path / "straight.safetensors"
     train(SETTINGS, train_data, test_data, FASHION_MNIST, straight, progress=False)
-    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
     a, b = load_checkpoint(interrupted).model.state_dict(), load_checkpoint(straight).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
