@@ -22,7 +22,7 @@ from model.thinkingvit import ThinkingViT, create_model
 @dataclass
 class TrainSettings:
     preset: str = "fmnist-3-6"
-    epochs: int = 20  # about 85 minutes on the 2-core CPU (4 min/epoch at 250 img/s)
+    epochs: int = 20  # 95 minutes on a 2-core AMD EPYC (205-245 img/s); see docs/training-notes.md
     batch_size: int = 64  # more updates per epoch: the budget is passes over the data, not capacity
     lr: float = 1.5e-3
     weight_decay: float = 0.05
