@@ -34,6 +34,10 @@ def subset_figures(model, preprocess, n: int = CHECK_SUBSET) -> list[dict]:
     return [{"threshold": r["threshold"], "accuracy": r["accuracy"], "exit_share": r["exit_share"]} for r in result["rows"]]
 
 
+def accuracy_cells(accs: list[float] | None) -> str:
+    return " | ".join(f"{a:.2f}" for a in accs) if accs else "- | -"  # None: an epoch not evaluated
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| threshold | accuracy % | exit after stage 1 | exit after stage 2 | acc. of stage-1 exits | acc. of stage-2 exits | expected MMACs | images/s (offline re-batching) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -57,7 +61,7 @@ def model_card(meta: dict, result: dict, subset: list[dict], gmacs: list[float],
         f"| {r['threshold']:g} | {r['accuracy']:.2f} | {r['exit_share'][0] * 100:.1f} % |" for r in subset
     )
     epochs = "\n".join(
-        f"| {h['epoch']} | {h['loss']:.4f} | {h['test_acc'][0]:.2f} | {h['test_acc'][1]:.2f} | {h['alpha'][0]:+.4f} | {h['elapsed_s'] / 60:.1f} |"
+        f"| {h['epoch']} | {h['loss']:.4f} | {accuracy_cells(h['test_acc'])} | {h['alpha'][0]:+.4f} | {h['elapsed_s'] / 60:.1f} |"
         for h in history
     )
     gain = f"{best_row['exit_share'][0] * 100:.1f} %" if best_row else "n/a"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 
 import pytest
 import torch
@@ -77,6 +78,19 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, fmnist, capsys):
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
     a, b = load_checkpoint(interrupted).model.state_dict(), load_checkpoint(straight).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_every_skips_test_passes_but_not_the_last(tmp_path, fmnist, capsys):
+    train_data, test_data = fmnist
+    settings = dataclasses.replace(SETTINGS, eval_every=2)
+    summary = train(settings, train_data, test_data, FASHION_MNIST, tmp_path / "m.safetensors", progress=False)
+    evaluated = [h["test_acc"] is not None for h in summary["history"]]
+    assert evaluated == [False, True, True]  # epoch 2 by the schedule, epoch 3 as the last
+    assert summary["final_test_acc"] == summary["history"][-1]["test_acc"]
+    assert "epoch 1: loss" in capsys.readouterr().out
+    from bench.ship_default_model import accuracy_cells
+
+    assert accuracy_cells(None) == "- | -" and accuracy_cells([88.0, 90.5]) == "88.00 | 90.50"
 
 
 def test_sweep_writes_all_outputs_and_a_calibration_profile(tmp_path, fmnist):
