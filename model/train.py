@@ -157,8 +157,8 @@ def train(
             if max_steps is not None and step >= max_steps:
                 break
         elapsed += time.perf_counter() - t0
-        last = epoch + 1 == settings.epochs or (max_steps is not None and step >= max_steps)
-        evaluate = last or (epoch + 1) % max(1, settings.eval_every) == 0  # the test pass costs ~5 % of an epoch
+        stopping = max_steps is not None and step >= max_steps
+        evaluate = stopping or epoch + 1 == settings.epochs or (epoch + 1) % max(1, settings.eval_every) == 0
         accs = [round(a, 2) for a in stage_accuracies(model, test_data, preprocess)] if evaluate else None
         alphas = [round(a.item(), 4) for a in model.alpha]
         history.append({"epoch": epoch + 1, "loss": round(loss.item(), 4), "test_acc": accs,
@@ -168,7 +168,7 @@ def train(
               f"{elapsed / 60:.1f} min", flush=True)
         torch.save({"settings": asdict(settings), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "epoch": epoch + 1, "history": history, "elapsed": elapsed}, state_path)
-        if max_steps is not None and step >= max_steps:
+        if stopping:
             break
     summary = {
         "settings": asdict(settings), "history": history, "train_seconds": round(elapsed, 1),

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.ship_default_model import accuracy_cells
 from model import create_model
 from model.checkpoint import load_checkpoint
 from model.data import load_fashion_mnist, load_image_folder, read_idx
@@ -88,8 +89,6 @@ def test_eval_every_skips_test_passes_but_not_the_last(tmp_path, fmnist, capsys)
     assert evaluated == [False, True, True]  # epoch 2 by the schedule, epoch 3 as the last
     assert summary["final_test_acc"] == summary["history"][-1]["test_acc"]
     assert "epoch 1: loss" in capsys.readouterr().out
-    from bench.ship_default_model import accuracy_cells
-
     assert accuracy_cells(None) == "- | -" and accuracy_cells([88.0, 90.5]) == "88.00 | 90.50"
 
 
