@@ -156,7 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=defaults.hflip)
     p.add_argument("--erase-prob", type=float, default=defaults.erase_prob)
     p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--threads", type=int, default=defaults.threads, help="torch threads (0 = default)")
+    p.add_argument("--threads", type=int, default=defaults.threads,
+                   help="torch threads in all, split over the workers (0 = one per core)")
+    p.add_argument("--workers", type=int, default=defaults.workers,
+                   help="data-parallel CPU processes, each training on its share of every batch (1 = one process)")
     p.add_argument("--freeze-alpha", action="store_true", help="ablation: no token recycling")
     p.add_argument("--eval-every", type=int, default=defaults.eval_every,
                    help="test accuracy every N epochs and after the last (a full Fashion-MNIST test pass: ~22 s on 2 cores, ~8 %% of an epoch)")

@@ -16,7 +16,8 @@ from model.evaluate import calibration_profile, default_thresholds, sweep, thres
 from model.preprocess import FASHION_MNIST
 from model.train import TrainSettings, normalise, train
 
-SETTINGS = TrainSettings(preset="fmnist-3-6", epochs=3, batch_size=32, lr=1e-3, warmup_epochs=0.25, threads=1)
+SETTINGS = TrainSettings(preset="fmnist-3-6", epochs=3, batch_size=32, lr=1e-3, warmup_epochs=0.25,
+                         threads=1, workers=1)
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,21 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, fmnist, capsys):
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
     a, b = load_checkpoint(interrupted).model.state_dict(), load_checkpoint(straight).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_data_parallel_workers_train_the_same_model_as_one_process(tmp_path, fmnist):
+    """Two gloo workers split each batch; only the summation order of the gradients differs."""
+    train_data, test_data = fmnist
+    settings = dataclasses.replace(SETTINGS, epochs=1, threads=2)
+    one = train(settings, train_data, test_data, FASHION_MNIST, tmp_path / "one.safetensors", progress=False)
+    two = train(dataclasses.replace(settings, workers=2), train_data, test_data, FASHION_MNIST,
+                tmp_path / "two.safetensors", progress=False)
+    a = load_checkpoint(tmp_path / "one.safetensors").model.state_dict()
+    b = load_checkpoint(tmp_path / "two.safetensors").model.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-3) for k in a)
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # really trained apart
+    assert two["threads"] == 2 and two["history"][0]["loss"] == pytest.approx(one["history"][0]["loss"], abs=1e-3)
+    assert two["final_test_acc"] == pytest.approx(one["final_test_acc"], abs=1.0)  # 2 of 200 images
 
 
 def test_eval_every_skips_test_passes_but_not_the_last(tmp_path, fmnist, capsys):
