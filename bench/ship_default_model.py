@@ -38,6 +38,13 @@ def accuracy_cells(accs: list[float] | None) -> str:
     return " | ".join(f"{a:.2f}" for a in accs) if accs else "- | -"  # None: an epoch not evaluated
 
 
+def augmentation(settings: dict) -> str:
+    parts = [f"padded random crop ({settings['pad_crop']} px)" if settings["pad_crop"] else "",
+             "horizontal flip" if settings["hflip"] else "",
+             f"random erasing p = {settings['erase_prob']}" if settings["erase_prob"] else ""]
+    return ", ".join(p for p in parts if p) or "none"
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| threshold | accuracy % | exit after stage 1 | exit after stage 2 | acc. of stage-1 exits | acc. of stage-2 exits | expected MMACs | images/s (offline re-batching) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -100,14 +107,12 @@ Learned recycling scale alpha = {history[-1]["alpha"][0]:+.4f}.
 Fashion-MNIST from Debian's `dataset-fashion-mnist` (60,000 train / 10,000 test). Joint loss: the
 equal-weighted mean of both stages' cross-entropies (the authors' recipe), AdamW (lr {s["lr"]},
 weight decay {s["weight_decay"]}, {s["warmup_epochs"]} warm-up epoch(s), cosine decay), batch {s["batch_size"]},
-{s["epochs"]} epochs, label smoothing {s["label_smoothing"]}, padded random crop ({s["pad_crop"]} px),
-horizontal flip, random erasing p = {s["erase_prob"]}, seed {s["seed"]}, gradient clipping 1.0.
-Reproduce: `thinkingvit train --output runs/fmnist-3-6.safetensors --threads 2`, then
-`python -m bench.ship_default_model runs/fmnist-3-6.safetensors`.
+{s["epochs"]} epochs, label smoothing {s["label_smoothing"]}, augmentation: {augmentation(s)}; seed {s["seed"]},
+gradient clipping 1.0. Reproduce: `thinkingvit train --output runs/fmnist-3-6.safetensors --threads 2`,
+then `python -m bench.ship_default_model runs/fmnist-3-6.safetensors`.
 
-Trained on {training["machine"]} with {training["threads"]} torch threads in
-**{training["train_seconds"] / 60:.1f} minutes** of training wall time (excluding per-epoch test
-evaluation).
+Trained on {training["machine"]} by {s.get("workers", 1)} data-parallel process(es), {training["threads"]}
+torch threads in all, in **{training["train_seconds"] / 60:.1f} minutes** of wall time, test passes included.
 
 | epoch | loss | stage-1 test acc % | stage-2 test acc % | alpha | minutes |
 |---|---|---|---|---|---|

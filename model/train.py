@@ -110,7 +110,13 @@ def stage_accuracies(
 
 
 def machine_description() -> str:
-    return f"{platform.machine()} {platform.processor() or 'cpu'}, {os.cpu_count()} cores, torch {torch.__version__}"
+    cpu = platform.processor() or "cpu"
+    try:  # Linux names the CPU model here; platform.processor() is often empty
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{platform.machine()} {cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def train(
