@@ -106,7 +106,8 @@ def calibration_profile(result: dict, split: str) -> dict:
     }
 
 
-def write_outputs(result: dict, out_dir: Path, title: str = "ThinkingViT") -> list[Path]:
+def write_outputs(result: dict, out_dir: Path, title: str = "ThinkingViT", compared: dict[str, dict] | None = None,
+                  label: str = "adaptive (threshold sweep)") -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, csv_path, png_path = out_dir / "sweep.json", out_dir / "sweep.csv", out_dir / "sweep.png"
     json_path.write_text(json.dumps(result, indent=2))
@@ -118,23 +119,26 @@ def write_outputs(result: dict, out_dir: Path, title: str = "ThinkingViT") -> li
         for r in result["rows"]:
             w.writerow([r["threshold"], r["accuracy"], *r["exit_share"], *r["exit_group_accuracy"],
                         r["expected_gmacs"], r["images_per_second"]])
-    plot_curve(result, png_path, title)
+    plot_curve(result, png_path, title, compared, label)
     return [json_path, csv_path, png_path]
 
 
-def plot_curve(result: dict, path: Path, title: str, extra: dict[str, dict] | None = None) -> None:
+def plot_curve(result: dict, path: Path, title: str, compared: dict[str, dict] | None = None,
+               label: str = "adaptive (threshold sweep)") -> None:
+    """Accuracy vs expected compute; ``compared`` sweeps (e.g. an ablation) share the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for label, res in {"adaptive (threshold sweep)": result, **(extra or {})}.items():
+    for i, (name, res) in enumerate({label: result, **(compared or {})}.items()):
         rows = sorted(res["rows"], key=lambda r: r["expected_gmacs"])
-        ax.plot([r["expected_gmacs"] * 1000 for r in rows], [r["accuracy"] for r in rows], "o-", ms=3, label=label)
-    for s, (acc, g) in enumerate(zip(result["stage_accuracy"], result["stage_cumulative_gmacs"])):
-        ax.plot(g * 1000, acc, "s", ms=8, color="black")
-        ax.annotate(f"always stage {s + 1}", (g * 1000, acc), textcoords="offset points", xytext=(6, -12))
+        (line,) = ax.plot([r["expected_gmacs"] * 1000 for r in rows], [r["accuracy"] for r in rows], "o-", ms=3, label=name)
+        for s, (acc, g) in enumerate(zip(res["stage_accuracy"], res["stage_cumulative_gmacs"])):
+            ax.plot(g * 1000, acc, "s", ms=8, color="black" if i == 0 else line.get_color(), fillstyle="full" if i == 0 else "none")
+            if i == 0:
+                ax.annotate(f"always stage {s + 1}", (g * 1000, acc), textcoords="offset points", xytext=(6, -12))
     ax.set_xlabel("expected MMACs per image")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)

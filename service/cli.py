@@ -74,14 +74,33 @@ def cmd_eval(args) -> int:
         torch.set_num_threads(args.threads)
     thresholds = sorted(set(default_thresholds()) | set(args.threshold or []))
     result = sweep(loaded.model, data, loaded.preprocess, thresholds, speed_images=args.speed_images)
-    paths = write_outputs(result, Path(args.out_dir), title=f"{Path(args.checkpoint).name}: accuracy vs compute")
+    title = args.title or f"{Path(args.checkpoint).name}: accuracy vs compute"
+    compared = {}
+    for other_path in args.compare or []:  # e.g. an ablation, swept on the same images and thresholds
+        other = load_checkpoint(other_path, preset=args.preset)
+        if other.model.config.img_size != cfg.img_size or other.model.config.in_chans != cfg.in_chans:
+            raise SystemExit(f"thinkingvit eval: {other_path} takes other images than {args.checkpoint}")
+        other_result = sweep(other.model, data, other.preprocess, thresholds, speed_images=args.speed_images)
+        write_outputs(other_result, Path(args.out_dir) / Path(other_path).stem, title=f"{Path(other_path).name}: accuracy vs compute")
+        compared[curve_label(other_path, other.model)] = other_result
+    label = curve_label(args.checkpoint, loaded.model) if compared else "adaptive (threshold sweep)"
+    paths = write_outputs(result, Path(args.out_dir), title, compared, label)
     if args.write_calibration:
         metadata = {**loaded.metadata, "calibration": calibration_profile(result, f"test[:{len(data)}]")}
         save_checkpoint(args.checkpoint, loaded.model, metadata)
     print(json.dumps({"stage_accuracy": result["stage_accuracy"],
                       "within_tolerance_threshold": result["within_tolerance_threshold"],
+                      "compared": {k: {"stage_accuracy": r["stage_accuracy"]} for k, r in compared.items()},
                       "outputs": [str(p) for p in paths]}))
     return 0
+
+
+def curve_label(path: str, model) -> str:
+    """A plot legend entry that shows the recycling scale, which is what an alpha ablation changes."""
+    from pathlib import Path
+
+    alphas = ", ".join(f"{a.item():+.3f}" for a in model.alpha)
+    return f"{Path(path).stem} (alpha {alphas})"
 
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
@@ -177,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, action="append", help="extra thresholds to evaluate")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--write-calibration", action="store_true", help="store the sweep in the checkpoint")
+    p.add_argument("--compare", action="append", metavar="CHECKPOINT",
+                   help="also sweep this checkpoint (e.g. an ablation) and plot it on the same axes; repeatable")
+    p.add_argument("--title", help="plot title")
     add_data_arguments(p)
     p.set_defaults(func=cmd_eval)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import dataclasses
 
 import pytest
@@ -10,11 +11,12 @@ import torch.nn.functional as F
 
 from bench.ship_default_model import accuracy_cells
 from model import create_model
-from model.checkpoint import load_checkpoint
+from model.checkpoint import build_metadata, load_checkpoint, save_checkpoint
 from model.data import load_fashion_mnist, load_image_folder, read_idx
 from model.evaluate import calibration_profile, default_thresholds, sweep, threshold_within, write_outputs
 from model.preprocess import FASHION_MNIST
 from model.train import TrainSettings, normalise, train
+from service.cli import main as cli_main
 
 SETTINGS = TrainSettings(preset="fmnist-3-6", epochs=3, batch_size=32, lr=1e-3, warmup_epochs=0.25,
                          threads=1, workers=1)
@@ -124,6 +126,27 @@ def test_sweep_writes_all_outputs_and_a_calibration_profile(tmp_path, fmnist):
     assert set(profile["rows"][0]) == {"threshold", "accuracy", "exit_share", "expected_gmacs"}
     assert threshold_within(result["rows"], 101.0) is None
     assert threshold_within(result["rows"], 0.0) == 0.0  # cheapest: everyone leaves after stage 1
+
+
+def test_eval_compares_an_ablation_on_the_same_axes(tmp_path, capsys):
+    torch.manual_seed(0)
+    recycling, frozen = create_model("fmnist-3-6"), create_model("fmnist-3-6")
+    with torch.no_grad():
+        recycling.alpha[0].fill_(0.25)
+    paths = {"recycling": tmp_path / "recycling.safetensors", "frozen": tmp_path / "alpha0.safetensors"}
+    for name, model in (("recycling", recycling), ("frozen", frozen)):
+        save_checkpoint(paths[name], model, build_metadata(model, "fmnist-3-6", preprocess=FASHION_MNIST.to_dict()))
+    out = tmp_path / "eval"
+    assert cli_main(["eval", str(paths["recycling"]), "--compare", str(paths["frozen"]), "--subset", "100",
+                     "--speed-images", "16", "--threads", "1", "--out-dir", str(out), "--title", "ablation"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert list(printed["compared"]) == ["alpha0 (alpha +0.000)"]
+    frozen_sweep = json.loads((out / "alpha0" / "sweep.json").read_text())
+    main_sweep = json.loads((out / "sweep.json").read_text())
+    assert frozen_sweep["images"] == main_sweep["images"] == 100
+    assert [r["threshold"] for r in frozen_sweep["rows"]] == [r["threshold"] for r in main_sweep["rows"]]
+    assert printed["compared"]["alpha0 (alpha +0.000)"]["stage_accuracy"] == frozen_sweep["stage_accuracy"]
+    assert (out / "sweep.png").stat().st_size > 0 and (out / "alpha0" / "sweep.png").stat().st_size > 0
 
 
 def test_idx_reader_rejects_other_files(tmp_path):
