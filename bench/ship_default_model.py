@@ -114,7 +114,7 @@ then `python -m bench.ship_default_model runs/fmnist-3-6.safetensors`.
 Trained on {training["machine"]} by {s.get("workers", 1)} data-parallel process(es), {training["threads"]}
 torch threads in all, in **{training["train_seconds"] / 60:.1f} minutes** of wall time, test passes included.
 
-| epoch | loss | stage-1 test acc % | stage-2 test acc % | alpha | minutes |
+| epoch | loss (last batch) | stage-1 test acc % | stage-2 test acc % | alpha | minutes |
 |---|---|---|---|---|---|
 {epochs}
 

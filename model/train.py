@@ -31,7 +31,7 @@ from model.thinkingvit import ThinkingViT, create_model
 @dataclass
 class TrainSettings:
     preset: str = "fmnist-3-6"
-    epochs: int = 19  # 3.8-4.3 min each on a 2-core AMD EPYC with 2 workers: 75 min; see docs/training-notes.md
+    epochs: int = 22  # 3.6-4.3 min each on a 2-core AMD EPYC with 2 workers: 84 min; see docs/training-notes.md
     batch_size: int = 64  # more updates per epoch: the budget is passes over the data, not capacity
     lr: float = 1.5e-3
     weight_decay: float = 0.05
