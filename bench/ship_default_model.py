@@ -79,7 +79,8 @@ def model_card(meta: dict, result: dict, subset: list[dict], gmacs: list[float],
              f"- {exit_share * 100:.1f} % of the test images leave after stage 1 at the within-{ACCURACY_TOLERANCE_PP}-pp "
              f"threshold, against the goal of {GOAL_EXIT_SHARE * 100:.0f} %: "
              f"**{'met' if exit_share >= GOAL_EXIT_SHARE else 'not met'}**.\n"
-             "- What was tried to choose the preset and the recipe: [training-notes.md](training-notes.md).")
+             "- What was tried to choose the preset and the recipe, and the ablation with alpha frozen at 0 (no\n"
+             "  Token Recycling): [training-notes.md](training-notes.md).")
     return f"""# Model card: fmnist-3-6 (the shipped default model)
 
 `service/default_model/fmnist-3-6.safetensors`, {size_bytes / 1e6:.1f} MB, our
