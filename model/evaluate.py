@@ -22,6 +22,7 @@ from model.train import normalise
 
 FINE_THRESHOLDS = (0.9, 0.92, 0.94, 0.96, 0.97, 0.98, 0.99, 0.995, 0.999)
 ACCURACY_TOLERANCE_PP = 0.3  # "as good as the full model" when within this many points
+SWEEP_LABEL = "adaptive (threshold sweep)"  # legend entry of a sweep plotted alone
 
 
 def default_thresholds() -> list[float]:
@@ -107,7 +108,7 @@ def calibration_profile(result: dict, split: str) -> dict:
 
 
 def write_outputs(result: dict, out_dir: Path, title: str = "ThinkingViT", compared: dict[str, dict] | None = None,
-                  label: str = "adaptive (threshold sweep)") -> list[Path]:
+                  label: str = SWEEP_LABEL) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, csv_path, png_path = out_dir / "sweep.json", out_dir / "sweep.csv", out_dir / "sweep.png"
     json_path.write_text(json.dumps(result, indent=2))
@@ -124,7 +125,7 @@ def write_outputs(result: dict, out_dir: Path, title: str = "ThinkingViT", compa
 
 
 def plot_curve(result: dict, path: Path, title: str, compared: dict[str, dict] | None = None,
-               label: str = "adaptive (threshold sweep)") -> None:
+               label: str = SWEEP_LABEL) -> None:
     """Accuracy vs expected compute; ``compared`` sweeps (e.g. an ablation) share the axes."""
     import matplotlib
 

@@ -61,7 +61,7 @@ def cmd_eval(args) -> int:
     from pathlib import Path
 
     from model.checkpoint import load_checkpoint, save_checkpoint
-    from model.evaluate import calibration_profile, default_thresholds, sweep, write_outputs
+    from model.evaluate import SWEEP_LABEL, calibration_profile, default_thresholds, sweep, write_outputs
 
     loaded = load_checkpoint(args.checkpoint, preset=args.preset)
     cfg = loaded.model.config
@@ -83,7 +83,7 @@ def cmd_eval(args) -> int:
         other_result = sweep(other.model, data, other.preprocess, thresholds, speed_images=args.speed_images)
         write_outputs(other_result, Path(args.out_dir) / Path(other_path).stem, title=f"{Path(other_path).name}: accuracy vs compute")
         compared[curve_label(other_path, other.model)] = other_result
-    label = curve_label(args.checkpoint, loaded.model) if compared else "adaptive (threshold sweep)"
+    label = curve_label(args.checkpoint, loaded.model) if compared else SWEEP_LABEL
     paths = write_outputs(result, Path(args.out_dir), title, compared, label)
     if args.write_calibration:
         metadata = {**loaded.metadata, "calibration": calibration_profile(result, f"test[:{len(data)}]")}
