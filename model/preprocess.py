@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
 from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -42,8 +41,11 @@ FASHION_MNIST = Preprocess(
 )
 
 
-def preprocess_image(image: Image.Image, cfg: Preprocess) -> torch.Tensor:
-    """PIL image -> normalised float tensor (C, size, size): resize short side, center crop."""
+def preprocess_array(image: Image.Image, cfg: Preprocess) -> np.ndarray:
+    """PIL image -> normalised float32 array (C, size, size): resize short side, center crop.
+
+    numpy only, so the API server processes that decode uploads never import torch.
+    """
     image = image.convert("RGB" if cfg.channels == 3 else "L")
     w, h = image.size
     scale = cfg.resize / min(w, h)
@@ -52,8 +54,14 @@ def preprocess_image(image: Image.Image, cfg: Preprocess) -> torch.Tensor:
         image = image.resize((new_w, new_h), INTERPOLATIONS[cfg.interpolation])
     left, top = (new_w - cfg.size) // 2, (new_h - cfg.size) // 2
     image = image.crop((left, top, left + cfg.size, top + cfg.size))
-    array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W) or (H, W, 3)
-    tensor = torch.from_numpy(array.reshape(cfg.size, cfg.size, cfg.channels)).permute(2, 0, 1)
-    mean = torch.tensor(cfg.mean).view(-1, 1, 1)
-    std = torch.tensor(cfg.std).view(-1, 1, 1)
-    return (tensor - mean) / std  # (C, size, size)
+    array = np.asarray(image, dtype=np.float32).reshape(cfg.size, cfg.size, cfg.channels)  # (H, W, C)
+    mean = np.asarray(cfg.mean, dtype=np.float32) * 255.0
+    inv_std = 1.0 / (np.asarray(cfg.std, dtype=np.float32) * 255.0)
+    return np.ascontiguousarray(((array - mean) * inv_std).transpose(2, 0, 1))  # (C, size, size)
+
+
+def preprocess_image(image: Image.Image, cfg: Preprocess) -> "torch.Tensor":
+    """The same as :func:`preprocess_array`, as a torch tensor (C, size, size)."""
+    import torch
+
+    return torch.from_numpy(preprocess_array(image, cfg))

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels.attention import sliced_attention
+from model import exit_rule
 
 LN_EPS = 1e-6
 
@@ -293,9 +294,6 @@ def confidence(logits: torch.Tensor, top_k: int = CONFIDENCE_TOP_K) -> torch.Ten
 
 
 def exits_early(conf: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
-    """Per-image exit decision before the last stage.
-
-    Threshold 1 means "run every stage" even when a saturated softmax gives confidence exactly 1.
-    """
+    """Per-image exit decision before the last stage, on a batch (the rule: ``model.exit_rule``)."""
     threshold = torch.as_tensor(threshold, dtype=conf.dtype, device=conf.device)
-    return (conf >= threshold) & (threshold < 1.0)
+    return exit_rule.exits_early(conf, threshold)

@@ -1,15 +1,15 @@
-"""The FastAPI application: ``create_app(settings)`` and ``run_server(settings)``.
+"""An API server process: the FastAPI app in front of the engine core.
 
-The lifespan owns everything with a lifetime: it loads the checkpoint, builds the scheduler, the
-worker and the engine, warms up every stage (only then is the server ready) and stops them on exit.
+It parses, decodes, hands over and answers; the model, the scheduler and the exit rule live in the
+engine core process (``service.engine_core``). Several API server processes can share one
+listening socket (``api_servers``); ``service.launcher`` starts them once the engine is ready.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from types import FrameType
 
@@ -19,30 +19,25 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from model.checkpoint import load_checkpoint
-from service.deps import Runtime, require_token
-from service.engine import Engine, Hooks
+from service.deps import ApiState, require_token
+from service.engine_client import EngineClient
 from service.errors import ServiceError, invalid
 from service.images import pillow_pixel_limit
-from service.metrics import ServiceMetrics
 from service.routes import UNAUTHORIZED, classify_router, health_router, model_router
-from service.scheduler import Scheduler, SchedulerConfig
 from service.served_model import ServedModel
 from service.settings import Settings
-from service.worker import Worker, resolve_device
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, hooks: Hooks | None = None) -> FastAPI:
-    """A new app with its own metrics registry; nothing is loaded until the lifespan starts."""
-    hooks = hooks or Hooks()
+def create_app(settings: Settings, model: ServedModel, device: str, engine_address: str, published=None) -> FastAPI:
+    """A new API server app; the lifespan connects it to the engine core at ``engine_address``."""
     app = FastAPI(
         title="ThinkingViT serve",
         summary="Image classification with stage-aware early exit",
-        lifespan=lambda app: lifespan(app, settings, hooks),
+        lifespan=lambda app: lifespan(app, engine_address, published),
     )
-    app.state.metrics = ServiceMetrics()
+    app.state.api = ApiState(settings, model, device)
     # With a token set, the classify routes require it (and the OpenAPI schema says so);
     # the model, health and metrics routes stay open for probes and scrapers.
     auth = [Depends(require_token)] if settings.api_token is not None else []
@@ -57,43 +52,17 @@ def create_app(settings: Settings, hooks: Hooks | None = None) -> FastAPI:
 
 
 @asynccontextmanager
-async def lifespan(app: FastAPI, settings: Settings, hooks: Hooks) -> AsyncIterator[None]:
-    metrics: ServiceMetrics = app.state.metrics
-    engine, model = await asyncio.to_thread(build_engine, settings, metrics, hooks)
-    decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="thinkingvit-decode")
-    app.state.runtime = Runtime(settings, metrics, model, engine, decode_pool)
-    engine.start()
-    log.info("serving %s on %s: ready", settings.checkpoint.name, engine.worker.device)
+async def lifespan(app: FastAPI, engine_address: str, published) -> AsyncIterator[None]:
+    api: ApiState = app.state.api
+    api.engine = EngineClient(engine_address, published)
+    await api.engine.start()
+    api.metrics.ready.set(1 if api.ready else 0)
     try:
-        with pillow_pixel_limit(settings.max_image_pixels):
+        with pillow_pixel_limit(api.settings.max_image_pixels):
             yield
     finally:
-        await engine.stop()
-        decode_pool.shutdown(wait=False, cancel_futures=True)
-
-
-def build_engine(settings: Settings, metrics: ServiceMetrics, hooks: Hooks) -> tuple[Engine, ServedModel]:
-    """Load, warm up every stage, and wire scheduler, worker and engine (blocking; off the loop)."""
-    device = resolve_device(settings.device)
-    loaded = load_checkpoint(settings.checkpoint, preset=settings.preset, device=device)
-    loaded.model.set_attention_backend(settings.attention_backend)
-    model = ServedModel.from_checkpoint(settings.checkpoint.name, loaded)
-    num_stages = model.num_stages
-    config = SchedulerConfig(
-        num_stages=num_stages,
-        max_batch_sizes=settings.per_stage("max_batch_size", num_stages),
-        max_wait_s=tuple(ms / 1000 for ms in settings.per_stage("max_wait_ms", num_stages)),
-        max_queue_size=settings.max_queue_size,
-    )
-    worker = Worker(loaded.model, device, settings.autocast, hooks.before_batch, isolate=settings.model_process)
-    worker.submit(worker.warm_up, config.max_batch_sizes).result()
-    metrics.init_stages(num_stages)
-    engine = Engine(
-        Scheduler(config), worker, metrics, model.exit_gmacs, model.stage_gmacs,
-        retry_after_s=settings.retry_after_s, hooks=hooks,
-    )  # fmt: skip
-    metrics.track_in_flight(engine.in_flight)
-    return engine, model
+        api.metrics.ready.set(0)
+        await api.engine.close()
 
 
 # ---------------------------------------------------------------------------------- errors
@@ -104,7 +73,7 @@ def error_response(error: ServiceError) -> JSONResponse:
 
 
 async def service_error(request: Request, error: ServiceError) -> JSONResponse:
-    request.app.state.metrics.record_failure(error.outcome, error.reason)
+    request.app.state.api.metrics.record_failure(error.outcome, error.reason)
     return error_response(error)
 
 
@@ -125,39 +94,42 @@ async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=500)
 
 
-# ---------------------------------------------------------------------------------- server
+# ---------------------------------------------------------------------------------- the process
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn, plus: the first SIGTERM/SIGINT turns readiness off and refuses new work at once,
-    and a drained shutdown exits with status 0 (uvicorn would re-raise the signal and die by it,
-    which supervisors report as a crash)."""
+    """uvicorn, plus: SIGTERM marks the API server draining (readiness off; requests that started
+    before it are still answered, later ones get 503), a repeated signal does not cut the drain
+    short, and a drained shutdown exits with status 0."""
 
     def __init__(self, config: uvicorn.Config, app: FastAPI):
         super().__init__(config)
         self.app = app
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        runtime: Runtime | None = getattr(self.app.state, "runtime", None)
-        if runtime is not None:
-            runtime.engine.begin_drain_threadsafe()
+        api: ApiState = self.app.state.api
+        if api.draining_since is not None:
+            return  # already draining: the launcher and an orchestrator may both send SIGTERM
+        api.draining_since = time.perf_counter()
+        api.metrics.ready.set(0)
         super().handle_exit(sig, frame)
         self._captured_signals.clear()  # not re-raised after the drain: the exit is a clean one
 
 
-def run_server(settings: Settings, app: FastAPI | None = None) -> bool:
-    """Serve until SIGTERM; in-flight requests get ``drain_grace_s`` to finish. The process entry:
-    it configures logging for the ``service`` loggers too. False if the app never started (the
-    checkpoint could not be loaded, the port was taken)."""
+def serve_api_server(settings: Settings, sockets, model: ServedModel, device: str, engine_address: str,
+                     published, cpus, index: int) -> None:  # fmt: skip
+    """Process entry of one API server: serve HTTP on the shared ``sockets`` until SIGTERM."""
+    from service import processes
+
+    processes.become_child(f"api-server-{index}", cpus)
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-    app = app or create_app(settings)
+    app = create_app(settings, model, device, engine_address, published)
     config = uvicorn.Config(
         app,
-        host=settings.host,
-        port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=settings.drain_grace_s,
+        access_log=False,
     )
     server = DrainingServer(config, app)
-    server.run()
-    return server.started
+    server.run(sockets=sockets)
+    raise SystemExit(0 if server.started else 3)

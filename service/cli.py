@@ -111,7 +111,7 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_serve(args) -> int:
     from pydantic import ValidationError
 
-    from service.app import run_server
+    from service.launcher import run_server
 
     try:
         settings = serve_settings(args)
@@ -119,7 +119,7 @@ def cmd_serve(args) -> int:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         print(f"thinkingvit serve: invalid settings: {problems}", file=sys.stderr)
         return 2
-    return 0 if run_server(settings) else 3  # 3: uvicorn's status for a failed startup
+    return run_server(settings)  # 0 drained, 3 startup failed, 4 the engine core died
 
 
 def serve_settings(args):

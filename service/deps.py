@@ -1,49 +1,58 @@
-"""Shared request dependencies: the runtime the lifespan built, and the classify parameters."""
+"""Shared request dependencies: the API server's state, the bearer token and the classify parameters.
+
+Every dependency is ``async def``: FastAPI runs a plain ``def`` dependency in a thread pool, and
+those thread hops cost more than the work they do. Nothing here blocks.
+"""
 
 from __future__ import annotations
 
 import hmac
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.engine import Engine
+from service.engine_client import EngineClient
 from service.errors import invalid, unauthorized
-from service.metrics import ServiceMetrics
+from service.metrics import ApiMetrics
 from service.served_model import ServedModel
 from service.settings import Settings
 
 
-@dataclass(frozen=True)
-class Runtime:
-    """What the lifespan owns while the server runs."""
+@dataclass
+class ApiState:
+    """What one API server process holds while it runs (``app.state.api``)."""
 
     settings: Settings
-    metrics: ServiceMetrics
     model: ServedModel
-    engine: Engine
-    decode_pool: ThreadPoolExecutor  # bounded: image decoding never runs on the event loop
+    device: str  # where the engine core runs the model
+    metrics: ApiMetrics = field(default_factory=ApiMetrics)
+    engine: EngineClient | None = None  # connected by the lifespan
+    draining_since: float | None = None  # perf_counter of SIGTERM; requests that started before it are served
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and self.engine.engine_alive and self.draining_since is None
 
 
-def get_runtime(request: Request) -> Runtime:
-    return request.app.state.runtime
+def get_api(request: Request) -> ApiState:
+    return request.app.state.api
 
 
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+ApiDep = Annotated[ApiState, Depends(get_api)]
 bearer = HTTPBearer(auto_error=False, description="THINKINGVIT_API_TOKEN, when the server sets one")
 
 
-def require_token(
-    runtime: RuntimeDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+async def require_token(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> None:
     """401 unless the request carries the server's bearer token (compared in constant time).
 
     Runs before the body is read, so an unauthenticated client cannot make the server buffer it.
     """
-    expected = runtime.settings.api_token.get_secret_value().encode()
+    expected = request.app.state.api.settings.api_token.get_secret_value().encode()
     given = credentials.credentials.encode() if credentials is not None else b""
     if not hmac.compare_digest(given, expected):
         raise unauthorized()
@@ -54,10 +63,11 @@ class ClassifyParams:
     threshold: float
     top_k: int
     timeout_s: float
+    started: float  # perf_counter when the handler began: total_ms and the drain rule count from it
 
 
-def classify_params(
-    runtime: RuntimeDep,
+async def classify_params(
+    request: Request,
     threshold: Annotated[
         float | None,
         Query(ge=0, le=1, allow_inf_nan=False, description="exit threshold; default: the server's"),
@@ -68,7 +78,9 @@ def classify_params(
         Query(ge=1, allow_inf_nan=False, description="deadline in ms (>= 1); may only shorten the server's"),
     ] = None,
 ) -> ClassifyParams:
-    settings, num_classes = runtime.settings, runtime.model.config.num_classes
+    started = time.perf_counter()
+    api: ApiState = request.app.state.api
+    settings, num_classes = api.settings, api.model.config.num_classes
     if top_k is not None and top_k > num_classes:
         raise invalid(422, "invalid_parameter", f"top_k: must be <= {num_classes}, the number of classes")
     timeout_s = settings.request_timeout_s
@@ -78,6 +90,7 @@ def classify_params(
         threshold=settings.default_threshold if threshold is None else threshold,
         top_k=min(num_classes, settings.default_top_k) if top_k is None else top_k,
         timeout_s=timeout_s,
+        started=started,
     )
 
 

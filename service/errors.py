@@ -52,19 +52,20 @@ def refused(status: int, reason: str, message: str, retry_after_s: int) -> Servi
     return ServiceError(status, message, outcome="rejected", reason=reason, retry_after_s=retry_after_s)
 
 
-def timed_out(timeout_s: float) -> ServiceError:
-    return ServiceError(504, f"no answer within {timeout_s:g} s; the request was dropped", outcome="timeout")
+def from_engine(error, retry_after_s: int) -> ServiceError:
+    """The status for an ``EngineError``: the engine says what happened, the edge what it means."""
+    from service.transport import FailureKind
 
-
-def batch_failed(error: BaseException) -> ServiceError:
-    message = f"inference failed for this batch: {type(error).__name__}: {error}"
-    return ServiceError(500, message, outcome="error")
-
-
-def out_of_memory(error: BaseException, retry_after_s: int) -> ServiceError:
-    """Even alone, this image's batch did not fit in device memory: transient, retry later."""
-    message = f"the device ran out of memory for this image, even in a batch of one: {error}"
-    return ServiceError(503, message, outcome="error", retry_after_s=retry_after_s, code="out_of_memory")
+    kind, message = error.kind, error.message
+    if kind is FailureKind.QUEUE_FULL:
+        return refused(429, "queue_full", message, retry_after_s)
+    if kind is FailureKind.TIMEOUT:
+        return ServiceError(504, message, outcome="timeout")
+    if kind is FailureKind.OUT_OF_MEMORY:
+        return ServiceError(503, message, outcome="error", retry_after_s=retry_after_s, code="out_of_memory")
+    if kind is FailureKind.ENGINE_GONE:
+        return ServiceError(503, message, outcome="error", retry_after_s=retry_after_s, code="engine_gone")
+    return ServiceError(500, message, outcome="error")  # BATCH_FAILED, BAD_INPUT
 
 
 def client_gone() -> ServiceError:

@@ -1,4 +1,4 @@
-"""Image bytes -> model input tensor, run in the decode thread pool, never on the event loop."""
+"""Image bytes -> model input array, in the API server processes (numpy and Pillow, no torch)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import contextlib
 import io
 from collections.abc import Iterator
 
-import torch
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from model.preprocess import Preprocess, preprocess_image
+from model.preprocess import Preprocess, preprocess_array
 
 # Formats a client may send. Pillow opens ~40 formats; some decoders are rarely exercised and
 # EPS even runs Ghostscript, so anything else is refused before a decoder sees it.
@@ -37,7 +37,7 @@ class ImageError(ValueError):
     """The upload is not a usable image; the message says why."""
 
 
-def decode_image(data: bytes, cfg: Preprocess, max_pixels: int) -> torch.Tensor:
+def decode_image(data: bytes, cfg: Preprocess, max_pixels: int) -> np.ndarray:
     """Decode, check the pixel cap from the header before decompressing, and preprocess.
 
     Only ``FORMATS`` are read; an animated image gives its first frame; the EXIF orientation
@@ -55,7 +55,7 @@ def decode_image(data: bytes, cfg: Preprocess, max_pixels: int) -> torch.Tensor:
             raise ImageError(f"image is {width}x{height} = {pixels} pixels; the limit is {max_pixels}")
         image.load()
         image = ImageOps.exif_transpose(image)
-        return preprocess_image(image, cfg)  # (C, size, size)
+        return preprocess_array(image, cfg)  # (C, size, size) float32
     except ImageError:
         raise
     except Image.DecompressionBombError as e:

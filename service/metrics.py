@@ -1,4 +1,10 @@
-"""Every Prometheus metric of the service, declared once, in seconds, in one per-app registry.
+"""Every Prometheus metric of the service, declared once, in seconds, across processes.
+
+The server runs several processes (API servers, the engine core), so metrics use prometheus-client's
+own multiprocess mode: each process writes its samples to files in ``PROMETHEUS_MULTIPROC_DIR``
+(the launcher makes one per server and sets it before any child starts) and ``/metrics`` merges
+them. Each process declares only the metrics it records: ``ApiMetrics`` in the API servers,
+``EngineMetrics`` in the engine core. Gauges say how they merge (``multiprocess_mode``).
 
 Label values are bounded: ``stage`` (0-based stage index), ``outcome`` and ``reason`` from the
 fixed tuples below, all pre-initialised so dashboards see zeros instead of gaps.
@@ -6,9 +12,8 @@ fixed tuples below, all pre-initialised so dashboards see zeros instead of gaps.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 NAMESPACE = "thinkingvit"
 OUTCOMES = ("ok", "invalid", "rejected", "timeout", "cancelled", "error")
@@ -23,12 +28,11 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 GMACS_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 20, 50)
 
 
-class ServiceMetrics:
-    """The service's metrics; stage-labelled series are created by ``init_stages`` after load."""
+class ApiMetrics:
+    """Recorded by each API server process: what the clients saw."""
 
-    def __init__(self, registry: CollectorRegistry | None = None):
-        self.registry = registry or CollectorRegistry()
-        r, ns = self.registry, NAMESPACE
+    def __init__(self):
+        r, ns = CollectorRegistry(), NAMESPACE  # a private registry: the files are what counts
         self.requests = Counter(
             "requests", "Classifications (one per image) by outcome.", ["outcome"],
             namespace=ns, registry=r,
@@ -41,6 +45,31 @@ class ServiceMetrics:
             "request_latency_seconds", "Time from request arrival to answer, successful classifications.",
             namespace=ns, registry=r, buckets=LATENCY_BUCKETS,
         )  # fmt: skip
+        self.ready = Gauge(
+            "ready", "1 when every live API server accepts work and the engine core runs.",
+            namespace=ns, registry=r, multiprocess_mode="livemin",
+        )  # fmt: skip
+        for outcome in OUTCOMES:
+            self.requests.labels(outcome)
+        for reason in REJECTION_REASONS:
+            self.rejections.labels(reason)
+
+    def record_failure(self, outcome: str, reason: str | None = None) -> None:
+        """One classification that got no answer; ``reason`` when refused before any queue."""
+        self.requests.labels(outcome).inc()
+        if reason is not None:
+            self.rejections.labels(reason).inc()
+
+    def record_success(self, latency_s: float) -> None:
+        self.requests.labels("ok").inc()
+        self.request_latency.observe(latency_s)
+
+
+class EngineMetrics:
+    """Recorded by the engine core: batches, exits, queues and compute."""
+
+    def __init__(self, num_stages: int):
+        r, ns = CollectorRegistry(), NAMESPACE
         self.exits = Counter(
             "exits", "Classifications answered at each stage (0 = first).", ["stage"],
             namespace=ns, registry=r,
@@ -59,7 +88,7 @@ class ServiceMetrics:
         )  # fmt: skip
         self.queue_depth = Gauge(
             "queue_depth", "Requests waiting in each stage's queue.", ["stage"],
-            namespace=ns, registry=r,
+            namespace=ns, registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
         self.gmacs = Counter(
             "gmacs", "Model compute spent on answered requests, in GMACs.", namespace=ns, registry=r,
@@ -72,21 +101,14 @@ class ServiceMetrics:
             "batch_failures", "Stage batches that raised, by cause (out_of_memory batches are retried in halves).",
             ["stage", "cause"], namespace=ns, registry=r,
         )  # fmt: skip
-        self.ready = Gauge("ready", "1 when the server accepts work.", namespace=ns, registry=r)
         self.in_flight = Gauge(
-            "requests_in_flight", "Classifications admitted to the queues and not answered yet.",
-            namespace=ns, registry=r,
+            "requests_in_flight", "Classifications admitted to the engine's queues and not answered yet.",
+            namespace=ns, registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
         self.carried = Gauge(
             "carried_requests", "Requests holding carried tokens on the device between stages.",
-            namespace=ns, registry=r,
+            namespace=ns, registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
-        for outcome in OUTCOMES:
-            self.requests.labels(outcome)
-        for reason in REJECTION_REASONS:
-            self.rejections.labels(reason)
-
-    def init_stages(self, num_stages: int) -> None:
         for stage in map(str, range(num_stages)):
             for metric in (self.exits, self.queue_wait, self.batch_size, self.stage_compute):
                 metric.labels(stage)
@@ -94,20 +116,9 @@ class ServiceMetrics:
             for cause in BATCH_FAILURE_CAUSES:
                 self.batch_failures.labels(stage, cause)
 
-    def track_in_flight(self, in_flight: Callable[[], dict[str, int]]) -> None:
-        """Read the in-flight gauges from the engine at each scrape (``Engine.in_flight``)."""
-        self.in_flight.set_function(lambda: in_flight()["futures"])
-        self.carried.set_function(lambda: in_flight()["carried"])
 
-    def record_failure(self, outcome: str, reason: str | None = None) -> None:
-        """One classification that got no answer; ``reason`` when refused before any queue."""
-        self.requests.labels(outcome).inc()
-        if reason is not None:
-            self.rejections.labels(reason).inc()
-
-    def record_success(self, latency_s: float) -> None:
-        self.requests.labels("ok").inc()
-        self.request_latency.observe(latency_s)
-
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+def exposition() -> bytes:
+    """Every process's samples merged, from ``PROMETHEUS_MULTIPROC_DIR`` (read at each scrape)."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    return generate_latest(registry)

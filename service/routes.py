@@ -3,30 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import heapq
 import time
 from collections.abc import Awaitable
 from typing import Annotated, TypeVar
 
+import numpy as np
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
+from msgspec.json import encode as json_encode
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.deps import ClassifyParams, ParamsDep, Runtime, RuntimeDep
-from service.engine import Answer
-from service.errors import ServiceError, client_gone, invalid
+from service.deps import ApiDep, ApiState, ClassifyParams, ParamsDep
+from service.engine_client import EngineError
+from service.errors import ServiceError, client_gone, from_engine, invalid, refused
 from service.images import ImageError, decode_image
-from service.schemas import (
-    BatchItem,
-    BatchResponse,
-    Classification,
-    ErrorDetail,
-    ErrorResponse,
-    ModelInfo,
-    Timings,
-    TopClass,
-)
-from service.served_model import cheapest_threshold
+from service.metrics import exposition
+from service.schemas import BatchResponse, Classification, ErrorResponse, ModelInfo
+from service.served_model import ServedModel, cheapest_threshold
+from service.transport import Answer, FailureKind
 from service.uploads import Upload, read_uploads
 
 T = TypeVar("T")
@@ -39,7 +33,7 @@ ERROR_DOCS = {
     422: ("Invalid parameter, body or image", None),
     429: ("Queue full", RETRY_AFTER),
     500: ("The batch this image ran in failed", None),
-    503: ("Draining, not ready, or out of device memory even alone", RETRY_AFTER),
+    503: ("Draining, the engine core died, or out of device memory even alone", RETRY_AFTER),
     504: ("No answer before the deadline", None),
 }  # fmt: skip
 
@@ -91,71 +85,105 @@ health_router = APIRouter(tags=["health"])
 # ---------------------------------------------------------------------------------- classify
 
 
-@classify_router.post("/classify", responses=CLASSIFY_ERRORS, openapi_extra=IMAGE_BODY)
-async def classify(request: Request, params: ParamsDep, runtime: RuntimeDep) -> Classification:
-    """Classify one image: a multipart part ``file`` or a raw image/* body."""
-    started = time.perf_counter()
-    settings = runtime.settings
-    (upload,) = await read_uploads(request, settings.max_body_bytes, max_files=1, raw_allowed=True)
-    return await until_disconnect(request, answer(runtime, upload, params, started))
+@classify_router.post(
+    "/classify", response_model=Classification, responses=CLASSIFY_ERRORS, openapi_extra=IMAGE_BODY
+)
+async def classify(request: Request, params: ParamsDep) -> Response:
+    """Classify one image: a multipart part `file` or a raw image/* body."""
+    api: ApiState = request.app.state.api
+    (upload,) = await read_uploads(request, api.settings.max_body_bytes, max_files=1, raw_allowed=True)
+    result = await until_disconnect(request, answer(api, upload, params))
+    return json_response(result)
 
 
-@classify_router.post("/classify/batch", responses=BATCH_ERRORS, openapi_extra=BATCH_BODY)
-async def classify_batch(request: Request, params: ParamsDep, runtime: RuntimeDep) -> BatchResponse:
+@classify_router.post(
+    "/classify/batch", response_model=BatchResponse, responses=BATCH_ERRORS, openapi_extra=BATCH_BODY
+)
+async def classify_batch(request: Request, params: ParamsDep) -> Response:
     """Classify several images (every file part, in order); each is answered independently."""
-    started = time.perf_counter()
-    settings = runtime.settings
+    api: ApiState = request.app.state.api
     uploads = await read_uploads(
-        request, settings.max_body_bytes, max_files=settings.max_batch_images, raw_allowed=False
+        request, api.settings.max_body_bytes, max_files=api.settings.max_batch_images, raw_allowed=False
     )
-    items = [batch_item(runtime, i, u, params, started) for i, u in enumerate(uploads)]
-    return BatchResponse(results=await until_disconnect(request, asyncio.gather(*items)))
+    items = [batch_item(api, i, u, params) for i, u in enumerate(uploads)]
+    return json_response({"results": await until_disconnect(request, asyncio.gather(*items))})
 
 
-async def batch_item(runtime: Runtime, index: int, upload: Upload, params: ClassifyParams, started: float):
+async def batch_item(api: ApiState, index: int, upload: Upload, params: ClassifyParams) -> dict:
+    item = {"index": index, "filename": upload.filename}
     try:
-        result = await answer(runtime, upload, params, started)
-        return BatchItem(index=index, filename=upload.filename, result=result)
+        return item | {"result": await answer(api, upload, params)}
     except ServiceError as e:
-        runtime.metrics.record_failure(e.outcome, e.reason)
-        return BatchItem(index=index, filename=upload.filename, error=ErrorDetail(**e.to_json()["error"]))
+        api.metrics.record_failure(e.outcome, e.reason)
+        return item | e.to_json()
 
 
-async def answer(runtime: Runtime, upload: Upload, params: ClassifyParams, started: float) -> Classification:
-    """Decode off the event loop, wait for the engine, and build the response."""
-    settings, model = runtime.settings, runtime.model
-    runtime.engine.check_admission()  # refuse overload before spending a decode on it
-    loop = asyncio.get_running_loop()
+async def answer(api: ApiState, upload: Upload, params: ClassifyParams) -> dict:
+    """Admit, decode inline, hand over to the engine core, and build the response body.
+
+    A small image decodes in tens of microseconds, less than a thread hop costs under load, so
+    decoding runs on the event loop; the API server is one of several processes, so a large image
+    holds up only its own process's other requests.
+    """
+    check_admission(api, params)
     try:
-        image = await loop.run_in_executor(
-            runtime.decode_pool, decode_image, upload.data, model.preprocess, settings.max_image_pixels
-        )
+        image = decode_image(upload.data, api.model.preprocess, api.settings.max_image_pixels)
     except ImageError as e:
         raise invalid(422, "invalid_image", str(e)) from None
-    result = await runtime.engine.classify(image, params.threshold, params.timeout_s)
-    total_s = time.perf_counter() - started
-    runtime.metrics.record_success(total_s)
-    return to_response(runtime, result, params, total_s)
+    try:
+        result = await api.engine.classify(image, params.threshold, params.timeout_s)
+    except EngineError as e:
+        raise from_engine(e, api.settings.retry_after_s) from None
+    total_s = time.perf_counter() - params.started
+    api.metrics.record_success(total_s)
+    return to_response(api.model, result, params, total_s)
 
 
-def to_response(runtime: Runtime, result: Answer, params: ClassifyParams, total_s: float) -> Classification:
-    names, probs = runtime.model.class_names, result.probabilities
-    best = heapq.nlargest(params.top_k, range(len(probs)), key=probs.__getitem__)
+def check_admission(api: ApiState, params: ClassifyParams) -> None:
+    """Refuse before decoding: a request that arrived after SIGTERM (503), a dead engine (503), or
+    a full queue as the engine last published it (429; the engine enforces the bound exactly)."""
+    settings = api.settings
+    if api.draining_since is not None and params.started > api.draining_since:
+        raise refused(503, "draining", "the server is shutting down", settings.retry_after_s)
+    if not api.engine.engine_alive:
+        raise from_engine(EngineError(FailureKind.ENGINE_GONE, "the engine process is gone"), settings.retry_after_s)
+    if (waiting := api.engine.queue_depth()) >= settings.max_queue_size:
+        raise refused(429, "queue_full", f"queue full: {waiting} requests waiting", settings.retry_after_s)
+
+
+def to_response(model: ServedModel, result: Answer, params: ClassifyParams, total_s: float) -> dict:
+    """The Classification body as plain data, numbers rounded to what a person reads."""
+    names = model.class_names
+    probs = np.frombuffer(result.probabilities, dtype=np.float32)
+    best = np.argsort(-probs, kind="stable")[: params.top_k].tolist()  # ties: the lower index first
     stage = result.exit_stage
-    return Classification(
-        label=names[best[0]],
-        class_index=best[0],
-        confidence=result.confidence,
-        top_k=[TopClass(label=names[i], class_index=i, probability=probs[i]) for i in best],
-        exit_stage=stage,
-        stages_run=stage + 1,
-        heads_used=runtime.model.config.stages[stage],
-        gmacs=result.gmacs,
-        threshold=params.threshold,
-        timings=Timings(
-            queue_ms=1000 * result.queue_s, compute_ms=1000 * result.compute_s, total_ms=1000 * total_s
-        ),
-    )
+    return {
+        "label": names[best[0]],
+        "class_index": best[0],
+        "confidence": readable(result.confidences[-1]),
+        "stage_confidences": [readable(c) for c in result.confidences],
+        "top_k": [{"label": names[i], "class_index": i, "probability": readable(probs[i])} for i in best],
+        "exit_stage": stage,
+        "stages_run": stage + 1,
+        "heads_used": model.config.stages[stage],
+        "gmacs": readable(model.exit_gmacs[stage]),
+        "threshold": params.threshold,
+        "timings": {
+            "queue_ms": readable(1000 * result.queue_s),
+            "compute_ms": readable(1000 * result.compute_s),
+            "total_ms": readable(1000 * total_s),
+        },
+    }
+
+
+def readable(x: float) -> float:
+    """Four significant digits: 0.045906336000000006 -> 0.04591."""
+    return float(f"{x:.4g}")
+
+
+def json_response(body: dict) -> Response:
+    """Serialised once, by msgspec, without a second validation pass through the response model."""
+    return Response(json_encode(body), media_type="application/json")
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -184,59 +212,57 @@ async def _disconnected(request: Request) -> None:
 
 @model_router.get("/v1/model", responses=error_responses(422))
 async def describe_model(
-    runtime: RuntimeDep,
+    api: ApiDep,
     target_accuracy: Annotated[
         float | None,
         Query(ge=0, le=1, allow_inf_nan=False, description="also pick the cheapest threshold reaching it"),
     ] = None,
 ) -> ModelInfo:
     """Preset, stages, heads, classes, preprocessing and the calibration profile (if any)."""
-    info = runtime.model.describe() | {
-        "default_threshold": runtime.settings.default_threshold,
-        "device": str(runtime.engine.worker.device),
-        "autocast": runtime.settings.autocast,
+    info = api.model.describe() | {
+        "default_threshold": api.settings.default_threshold,
+        "device": api.device,
+        "autocast": api.settings.autocast,
     }
     if target_accuracy is not None:
-        info["recommended"] = cheapest_threshold(runtime.model.calibration, target_accuracy)
+        info["recommended"] = cheapest_threshold(api.model.calibration, target_accuracy)
     return ModelInfo(**info)
 
 
 # ---------------------------------------------------------------------------------- health
 
 
-NOT_READY = {503: {"description": "Starting or draining", "content": {"application/json": {"schema": {"type": "object"}}}}}
-DEAD = {503: {"description": "The model process died", "content": {"application/json": {"schema": {"type": "object"}}}}}
+NOT_READY = {503: {"description": "Starting, draining or the engine core died", "content": {"application/json": {"schema": {"type": "object"}}}}}
+DEAD = {503: {"description": "The engine core process died", "content": {"application/json": {"schema": {"type": "object"}}}}}
 
 
 @health_router.get("/healthz", responses=DEAD)
-async def healthz(request: Request) -> JSONResponse:
-    """Alive: the process serves HTTP and, once loaded, its model worker still runs (a liveness
-    probe then restarts a server whose model process died)."""
-    runtime = getattr(request.app.state, "runtime", None)
-    if runtime is not None and not runtime.engine.worker.alive():
-        return JSONResponse({"status": "dead", "reason": "the model worker is gone"}, status_code=503)
+async def healthz(api: ApiDep) -> JSONResponse:
+    """Alive: this API server answers and the engine core still runs (a liveness probe then
+    restarts a server whose engine died)."""
+    if not api.engine.engine_alive:
+        return JSONResponse({"status": "dead", "reason": "the engine core process is gone"}, status_code=503)
     return JSONResponse({"status": "alive"})
 
 
 @health_router.get("/readyz", responses=NOT_READY)
-async def readyz(runtime: RuntimeDep) -> JSONResponse:
-    """Ready: model loaded, every stage warmed up, not draining."""
-    engine = runtime.engine
-    if not engine.worker.alive():
+async def readyz(api: ApiDep) -> JSONResponse:
+    """Ready: model loaded, every stage warmed up, the engine core alive, not draining."""
+    if not api.engine.engine_alive:
         return JSONResponse({"status": "dead"}, status_code=503)
-    status = "ready" if engine.ready else ("draining" if engine.draining else "starting")
-    return JSONResponse({"status": status}, status_code=200 if engine.ready else 503)
+    status = "ready" if api.ready else "draining"
+    return JSONResponse({"status": status}, status_code=200 if api.ready else 503)
 
 
 @health_router.get("/v2/health/live")
-async def kserve_live() -> dict:
-    return {"live": True}
+async def kserve_live(api: ApiDep) -> JSONResponse:
+    alive = api.engine.engine_alive
+    return JSONResponse({"live": alive}, status_code=200 if alive else 503)
 
 
 @health_router.get("/v2/health/ready", responses=NOT_READY)
-async def kserve_ready(runtime: RuntimeDep) -> JSONResponse:
-    ready = runtime.engine.ready and runtime.engine.worker.alive()
-    return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+async def kserve_ready(api: ApiDep) -> JSONResponse:
+    return JSONResponse({"ready": api.ready}, status_code=200 if api.ready else 503)
 
 
 @health_router.get(
@@ -244,6 +270,6 @@ async def kserve_ready(runtime: RuntimeDep) -> JSONResponse:
     response_class=Response,
     responses={200: {"description": "Prometheus text exposition", "content": {"text/plain": {"schema": {"type": "string"}}}}},
 )
-async def metrics(request: Request) -> Response:
-    """Prometheus metrics (see docs/serving.md for the list)."""
-    return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+async def metrics() -> Response:
+    """Prometheus metrics of every process of the server (see docs/serving.md for the list)."""
+    return Response(exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -1,8 +1,10 @@
 """Stage-aware continuous batching, as a plain synchronous object (no asyncio, HTTP or torch).
 
 Every request waits in the queue of the stage it runs next. ``schedule()`` picks one stage and
-takes up to that stage's max batch from its queue; ``update()`` applies the exit decisions: exited
-requests finish, the rest move to the next stage's queue and meet survivors of other batches.
+takes up to that stage's max batch from its queue; ``update()`` takes the stage's confidences and
+applies the exit rule (``model.exit_rule``) with each request's own threshold: confident requests
+finish, the rest move to the next stage's queue and meet survivors of other batches. The runner
+only measures confidence; who leaves is decided here, in one place.
 
 Policy (see ``docs/serving.md``): a queue is *due* when it can fill a batch, or its oldest entry
 has waited the stage's max wait (Triton's dynamic batcher: the wait applies only while no full
@@ -17,6 +19,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+
+from model.exit_rule import exits_early
 
 
 class QueueFull(Exception):
@@ -72,10 +76,19 @@ class SchedulePlan:
         return self.expired + self.aborted
 
 
+@dataclass(frozen=True)
+class StageUpdate:
+    """What ``update()`` decided for one finished batch."""
+
+    finished: tuple[int, ...]  # answered at this stage: the executor sends their answers
+    moved_on: tuple[int, ...]  # queued for the next stage: the executor keeps their tokens
+
+
 @dataclass
 class Scheduler:
     config: SchedulerConfig
     clock: Callable[[], float] = time.monotonic
+    check_invariants: bool = False  # the O(n) consistency check after every step: tests only
     requests: dict[int, Request] = field(default_factory=dict)  # every live request, by id
     _queues: list[deque[Request]] = field(init=False)  # per stage, oldest first
     _aborted: list[int] = field(init=False, default_factory=list)  # for the next plan
@@ -137,30 +150,31 @@ class Scheduler:
             aborted=aborted,
         )
 
-    def update(self, plan: SchedulePlan, exited: Sequence[bool]) -> tuple[int, ...]:
-        """Apply a finished batch's per-request exit decisions; returns the requests that finished.
+    def update(self, plan: SchedulePlan, confidences: Sequence[float]) -> StageUpdate:
+        """Apply a finished batch: each request's confidence at this stage against its threshold.
 
-        At the last stage every request finishes whatever ``exited`` says. Requests aborted while
-        running are dropped and reported in the next plan's ``aborted``.
+        At the last stage every request finishes. Requests aborted while running are dropped and
+        reported in the next plan's ``aborted``.
         """
-        if len(exited) != len(plan.request_ids):
-            raise ValueError(f"{len(exited)} exit decisions for a batch of {len(plan.request_ids)}")
+        if len(confidences) != len(plan.request_ids):
+            raise ValueError(f"{len(confidences)} confidences for a batch of {len(plan.request_ids)}")
         now, last = self.clock(), plan.stage == self.config.num_stages - 1
-        finished = []
-        for request_id, exits in zip(plan.request_ids, exited):
+        finished, moved_on = [], []
+        for request_id, confidence in zip(plan.request_ids, confidences):
             request = self._running(request_id)
             if request.status is RequestStatus.ABORTED:
                 del self.requests[request_id]
                 self._aborted.append(request_id)
-            elif exits or last:
+            elif last or exits_early(confidence, request.threshold):
                 del self.requests[request_id]
                 finished.append(request_id)
             else:
                 request.stage, request.enqueued_at = request.stage + 1, now
                 request.status = RequestStatus.WAITING
                 self._queues[request.stage].append(request)
+                moved_on.append(request_id)
         self._check_invariants()
-        return tuple(finished)
+        return StageUpdate(tuple(finished), tuple(moved_on))
 
     def fail(self, plan: SchedulePlan) -> tuple[int, ...]:
         """The batch raised: finish all its requests (the executor fails them); returns their ids."""
@@ -227,6 +241,8 @@ class Scheduler:
 
     def _check_invariants(self) -> None:
         """Each live request is in exactly the queue of its stage iff it is waiting."""
+        if not self.check_invariants:
+            return
         queued = {id(r) for q in self._queues for r in q}
         assert len(queued) == self.num_waiting(), "a request is queued twice"
         for stage, queue in enumerate(self._queues):

@@ -21,6 +21,9 @@ class Classification(BaseModel):
     label: str = Field(description="class name of the top class")
     class_index: int
     confidence: float = Field(description="the exit rule's confidence at the exit stage, in [0, 1]")
+    stage_confidences: list[float] = Field(
+        description="the confidence after every stage that ran, in order: why the image went on"
+    )
     top_k: list[TopClass]
     exit_stage: int = Field(description="0-based stage that answered")
     stages_run: int

@@ -20,15 +20,26 @@ class Settings(BaseSettings):
     )
     preset: str | None = Field(None, description="config for checkpoints without metadata")
     host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 in containers)")
-    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port, logged at startup)")
+    fd: int | None = Field(
+        None, ge=0, description="serve on this inherited listening socket instead of host:port "
+        "(socket activation; tests hand over a bound socket so no port can be taken meanwhile)",
+    )
     device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda:0', ...")
     autocast: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="compute dtype on CUDA; other than float32 needs a CUDA device"
     )
-    model_process: bool = Field(
-        True,
-        description="run the model in a child process with its own interpreter lock, so HTTP and "
-        "decoding do not stall its op dispatch; false runs it on a thread of the server process",
+    api_servers: int | Literal["auto"] = Field(
+        "auto", description="HTTP processes sharing the listening socket; auto: one per four cores "
+        "on a CPU (at least one), all cores but one on a GPU",
+    )
+    engine_threads: int | Literal["auto"] = Field(
+        "auto", description="torch threads of the engine core process; auto: one per core it owns "
+        "on a CPU, 1 on a GPU",
+    )
+    cpu_affinity: bool = Field(
+        True, description="pin the API servers to the first cores and the engine core to the rest, "
+        "so the model's threads and HTTP handling never preempt each other",
     )
     attention_backend: Literal["auto", "triton", "sdpa"] = Field(
         "auto", description="attention implementation (see kernels.attention)"
@@ -53,7 +64,6 @@ class Settings(BaseSettings):
         25_000_000, ge=1, description="decoded image size cap, width * height (decompression bombs)"
     )
     max_batch_images: int = Field(64, ge=1, description="images per POST /classify/batch")
-    decode_threads: int = Field(2, ge=1, description="threads decoding and preprocessing images")
     drain_grace_s: float = Field(
         30.0,
         ge=0,
@@ -66,6 +76,9 @@ class Settings(BaseSettings):
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="server log level"
+    )
+    engine_hooks: str | None = Field(
+        None, description="tests only: 'module:factory' returning EngineHooks, run inside the engine core"
     )
 
     @field_validator("checkpoint")
@@ -85,6 +98,13 @@ class Settings(BaseSettings):
             raise ValueError("api_token is empty; unset it to turn authentication off")
         return token
 
+    @field_validator("api_servers", "engine_threads")
+    @classmethod
+    def _positive_or_auto(cls, value: int | str) -> int | str:
+        if value != "auto" and value < 1:
+            raise ValueError(f"must be >= 1 or 'auto', got {value}")
+        return value
+
     @field_validator("max_batch_size")
     @classmethod
     def _positive_batches(cls, sizes: list[int]) -> list[int]:
@@ -98,6 +118,11 @@ class Settings(BaseSettings):
         if not waits or not all(math.isfinite(w) and w >= 0 for w in waits):
             raise ValueError(f"max_wait_ms needs finite values >= 0, got {waits}")
         return waits
+
+    def auto_or(self, name: str) -> int | None:
+        """An int-or-'auto' setting as an int, or None for auto."""
+        value = getattr(self, name)
+        return None if value == "auto" else value
 
     def per_stage(self, name: str, num_stages: int) -> tuple:
         """A per-stage list setting expanded to one value per stage."""

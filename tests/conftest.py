@@ -1,10 +1,15 @@
-"""Service fixtures: a tiny random checkpoint, test images, and real uvicorn servers on loopback."""
+"""Service fixtures: a tiny random checkpoint, test images, and real servers (every process) on loopback."""
 
 from __future__ import annotations
 
 import io
+import json
+import os
+import signal
 import socket
-import threading
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-STARTUP_TIMEOUT_S = 120  # loading, spawning the model process and warming up, on a busy machine
+from tests.engine_probe import EngineProbe
+
+REPO = Path(__file__).resolve().parents[1]
+STARTUP_TIMEOUT_S = 120  # spawning the engine core, loading, warming up, on a busy machine
+STOP_TIMEOUT_S = 60
 TINY_CLASSES = [f"class-{i}" for i in range(10)]
 
 
@@ -55,119 +64,112 @@ def test_images() -> list[bytes]:
 
 @dataclass
 class Server:
+    """A real ``thinkingvit serve`` (launcher, engine core, API servers) in its own process group."""
+
     url: str
-    app: object  # the FastAPI app, for its runtime and metrics
-    server: object  # the uvicorn.Server
-    thread: threading.Thread
+    process: subprocess.Popen
+    log_path: Path
+    probe: EngineProbe | None = None
 
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=60)
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Signal the launcher and wait for it (SIGKILL after a minute); returns its exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        return self.process.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def children(self) -> dict[str, int]:
+        """The launcher's children by role ('engine-core', 'api-0', ...), from /proc."""
+        return server_children(self.process.pid)
 
 
-def launch_server(hooks=None, **settings) -> Server:
-    """A real uvicorn server with these settings on a 127.0.0.1 ephemeral port, in a thread.
+def server_children(launcher_pid: int) -> dict[str, int]:
+    roles = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        if ppid == launcher_pid and "spawn_main" in command:
+            roles[(entry / "comm").read_text().strip()] = int(entry.name)
+    return roles
 
-    The listening socket is bound before the server starts, so clients can connect at once;
-    their connections wait in the backlog until the model is loaded and warmed up (uvicorn accepts
-    only after the lifespan's startup). One such request returns when the server is up, so tests
-    start with a ready server whatever their own client timeouts are.
+
+def settings_env(settings: dict) -> dict[str, str]:
+    """Settings as THINKINGVIT_* variables (lists as JSON, as pydantic-settings reads them)."""
+    env = {}
+    for name, value in settings.items():
+        env[f"THINKINGVIT_{name.upper()}"] = json.dumps(value) if isinstance(value, list) else str(value)
+    return env
+
+
+def launch_server(probe: EngineProbe | None = None, log_dir: Path | None = None, **settings) -> Server:
+    """A real server with these settings on a 127.0.0.1 socket the test binds and hands over.
+
+    The socket is bound and listening before the server starts, so the port cannot be taken
+    meanwhile and clients can connect at once: their connections wait in the backlog until an API
+    server accepts, which is only once the engine core has loaded and warmed up every stage. One
+    such request returns when the server is up; if the server dies instead, the backlog is reset.
     """
     import httpx
-    import uvicorn
 
-    from service.app import create_app
-    from service.settings import Settings
-
-    app = create_app(Settings(**settings), hooks)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     sock.listen(1024)
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    httpx.get(f"{url}/healthz", timeout=STARTUP_TIMEOUT_S).raise_for_status()
-    return Server(url, app, server, thread)
+    settings = {"log_level": "warning", "api_servers": 1, **settings, "fd": sock.fileno()}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("THINKINGVIT_")}
+    env.update(settings_env(settings | (probe.settings if probe else {})))
+    env.update(probe.env if probe else {})
+    log_path = Path(tempfile.mkstemp(prefix="thinkingvit-server-", suffix=".log", dir=log_dir)[1])
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve"], cwd=REPO, env=env, stdout=log,
+            stderr=subprocess.STDOUT, pass_fds=(sock.fileno(),), start_new_session=True,
+        )  # fmt: skip
+    sock.close()  # the server holds its own copy
+    server = Server(url, process, log_path, probe)
+    try:
+        httpx.get(f"{url}/readyz", timeout=STARTUP_TIMEOUT_S).raise_for_status()
+    except Exception:
+        server.stop(signal.SIGKILL)
+        raise AssertionError(f"the server did not start:\n{server.log()[-4000:]}") from None
+    return server
 
 
 @pytest.fixture
-def start_server(tiny_checkpoint) -> Iterator[Callable[..., Server]]:
-    """Factory: start_server(hooks=Hooks(...), **settings) -> a running server on 127.0.0.1,
-    stopped after the test."""
+def start_server(tiny_checkpoint, tmp_path) -> Iterator[Callable[..., Server]]:
+    """Factory: start_server(probe=EngineProbe(), **settings) -> a running server on 127.0.0.1,
+    stopped after the test, which then checks that the server exited cleanly."""
     servers: list[Server] = []
 
-    def start(hooks=None, **overrides) -> Server:
-        servers.append(launch_server(hooks, **{"checkpoint": tiny_checkpoint, **overrides}))
+    def start(probe: EngineProbe | None = None, **overrides) -> Server:
+        servers.append(launch_server(probe, tmp_path, **{"checkpoint": tiny_checkpoint, **overrides}))
         return servers[-1]
 
     yield start
     for running in servers:
+        if running.probe is not None:
+            running.probe.release()  # a test that failed while the engine was held
         running.stop()
+        if running.probe is not None:
+            running.probe.close()
 
 
-class WorkerGate:
-    """Engine hooks that record admissions, aborts and batches, and can hold the worker.
-
-    With ``hold=True`` the first stage batch blocks on the worker thread until ``release()``;
-    requests sent meanwhile pile up in the queues, which makes queue states deterministic.
-    ``fail_first=True`` raises inside the first batch once it is released.
-    """
-
-    TIMEOUT_S = 60
-
-    def __init__(self, hold: bool = False, fail_first: bool = False):
-        self.hold, self.fail_first = hold, fail_first
-        self.held, self._released = threading.Event(), threading.Event()
-        self.batches: list[tuple[int, tuple[int, ...]]] = []  # (stage, request ids)
-        self.admitted: list[int] = []
-        self.aborted: list[int] = []
-        self._changed = threading.Condition()
-
-    def hooks(self):
-        from service.engine import Hooks
-
-        return Hooks(before_batch=self._before_batch, on_admit=self._on_admit, on_abort=self._on_abort)
-
-    def release(self) -> None:
-        self._released.set()
-
-    def wait_held(self) -> None:
-        assert self.held.wait(self.TIMEOUT_S), "the worker never started a batch"
-
-    def wait_admitted(self, n: int) -> None:
-        self._wait_for(lambda: len(self.admitted) >= n, f"{n} admissions")
-
-    def wait_aborted(self, n: int) -> None:
-        self._wait_for(lambda: len(self.aborted) >= n, f"{n} aborts")
-
-    def computed(self) -> set[int]:
-        return {r for _, ids in self.batches for r in ids}
-
-    def _wait_for(self, predicate, what: str) -> None:
-        with self._changed:
-            assert self._changed.wait_for(predicate, self.TIMEOUT_S), f"timed out waiting for {what}"
-
-    def _before_batch(self, stage: int, request_ids) -> None:
-        first = not self.batches
-        with self._changed:
-            self.batches.append((stage, tuple(request_ids)))
-        if first and self.hold:
-            self.held.set()
-            assert self._released.wait(self.TIMEOUT_S), "the test never released the worker"
-        if first and self.fail_first:
-            raise RuntimeError("injected fault")
-
-    def _on_admit(self, request_id: int) -> None:
-        with self._changed:
-            self.admitted.append(request_id)
-            self._changed.notify_all()
-
-    def _on_abort(self, request_id: int) -> None:
-        with self._changed:
-            self.aborted.append(request_id)
-            self._changed.notify_all()
+@pytest.fixture
+def probe() -> EngineProbe:
+    return EngineProbe()
 
 
 def metric_value(text: str, name: str, **labels) -> float:

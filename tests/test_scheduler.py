@@ -23,7 +23,7 @@ class FakeClock:
 def make_scheduler(clock=None, **overrides) -> Scheduler:
     config = dict(num_stages=2, max_batch_sizes=(4, 4), max_wait_s=(0.01, 0.01), max_queue_size=64)
     config.update(overrides)
-    return Scheduler(SchedulerConfig(**config), clock=clock or FakeClock())
+    return Scheduler(SchedulerConfig(**config), clock=clock or FakeClock(), check_invariants=True)
 
 
 def make_requests(scheduler: Scheduler, n: int, start: int = 0, threshold=0.5, deadline=None) -> list[int]:
@@ -33,10 +33,14 @@ def make_requests(scheduler: Scheduler, n: int, start: int = 0, threshold=0.5, d
     return ids
 
 
+CONFIDENT, UNSURE = 1.0, 0.0  # with the usual thresholds in (0, 1): exits, goes on
+
+
 def run(scheduler: Scheduler, plan: SchedulePlan, exits) -> tuple[int, ...]:
-    """The fake executor: ``exits`` is a set of ids that exit at this stage, or a bool for all."""
-    decisions = [exits if isinstance(exits, bool) else r in exits for r in plan.request_ids]
-    return scheduler.update(plan, decisions)
+    """The fake executor: ``exits`` is a set of ids that are confident at this stage, or a bool for
+    all; returns the requests that finished."""
+    sure = [exits if isinstance(exits, bool) else r in exits for r in plan.request_ids]
+    return scheduler.update(plan, [CONFIDENT if s else UNSURE for s in sure]).finished
 
 
 # ---------------------------------------------------------------------------------- batching
@@ -143,11 +147,11 @@ def test_three_stages_walk_through_every_queue():
     assert stages == [0, 1, 2]
 
 
-def test_update_rejects_wrong_decision_count():
+def test_update_rejects_wrong_confidence_count():
     scheduler = make_scheduler()
     make_requests(scheduler, 4)
-    with pytest.raises(ValueError, match="exit decisions"):
-        scheduler.update(scheduler.schedule(), [True])
+    with pytest.raises(ValueError, match="confidences for a batch of"):
+        scheduler.update(scheduler.schedule(), [CONFIDENT])
 
 
 # ---------------------------------------------------------------------------------- policy
@@ -314,7 +318,7 @@ def test_update_of_an_unplanned_request_is_an_error():
     scheduler = make_scheduler()
     make_requests(scheduler, 2)
     with pytest.raises(ValueError, match="not in a running batch"):
-        scheduler.update(SchedulePlan(0, request_ids=(0,), thresholds=(0.5,)), [True])
+        scheduler.update(SchedulePlan(0, request_ids=(0,), thresholds=(0.5,)), [CONFIDENT])
 
 
 # ---------------------------------------------------------------------------------- bounded queue
@@ -388,11 +392,11 @@ def test_random_workload_keeps_every_request_accounted_for():
         plan = scheduler.schedule()
         ended += plan.expired + plan.aborted
         if plan.stage is not None:
-            decisions = [rng.random() < t for t in plan.thresholds]
+            confidences = [rng.random() for _ in plan.request_ids]
             if rng.random() < 0.05:
                 ended += scheduler.fail(plan)
             else:
-                ended += scheduler.update(plan, decisions)
+                ended += scheduler.update(plan, confidences).finished
         assert len(set(ended)) == len(ended), "a request ended twice"
         live = set(scheduler.requests) | set(scheduler._aborted)
         assert live == admitted - set(ended)

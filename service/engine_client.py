@@ -1,0 +1,133 @@
+"""The API server's side of the transport: send a request to the engine core, await its answer.
+
+One DEALER socket per API server process, on the event loop (no thread hop): ``classify`` sends the
+header and the image frame and awaits a future; one task receives every answer and resolves the
+future it belongs to. A request that times out or whose client goes away sends an ``Abort``, so the
+engine never computes it (or stops it after the running stage).
+
+If the engine process dies, the socket's monitor reports the disconnection at once: every waiting
+request fails with ``ENGINE_GONE`` (the edge answers 503), later ones are refused, and the health
+routes fail. Nothing waits for an answer that cannot come.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+
+import numpy as np
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from service.transport import Abort, Answer, Failure, FailureKind, Submit, decode_outbound, encode
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(Exception):
+    """The engine could not answer this request; ``kind`` says why, the edge picks the status."""
+
+    def __init__(self, kind: FailureKind, message: str):
+        super().__init__(message)
+        self.kind, self.message = kind, message
+
+
+class EngineClient:
+    def __init__(self, address: str, published=None):
+        self.address = address
+        self.published = published  # shared memory: [0] requests waiting in the engine's queues
+        self.engine_alive = True
+        self._context = zmq.asyncio.Context()
+        self._sock = self._context.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.IDENTITY, f"api-{os.getpid()}".encode())
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self._futures: dict[int, asyncio.Future] = {}
+        self._ids = itertools.count()
+        self._tasks: list[asyncio.Task] = []
+        self._connected = asyncio.Event()
+
+    async def start(self) -> None:
+        """Connect, start the receiving and watching tasks, and wait until connected."""
+        self._sock.connect(self.address)
+        self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._watch())]
+        await self._connected.wait()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._sock.disable_monitor()
+        self._monitor.close()
+        self._sock.close()
+        self._context.term()
+
+    def queue_depth(self) -> int:
+        """Requests waiting in the engine's queues, as it last published."""
+        return 0 if self.published is None else self.published[0]
+
+    def pending(self) -> int:
+        """Requests this API server is waiting on."""
+        return len(self._futures)
+
+    async def classify(self, image: np.ndarray, threshold: float, timeout_s: float) -> Answer:
+        """Send one preprocessed image (C, H, W) float32 and await its answer; raises EngineError."""
+        if not self.engine_alive:
+            raise EngineError(FailureKind.ENGINE_GONE, "the engine process is gone")
+        request_id = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._futures[request_id] = future
+        header = encode(Submit(request_id, threshold, timeout_s))
+        try:
+            await self._sock.send_multipart([header, image.data], copy=False)
+            async with asyncio.timeout(timeout_s):
+                return await future
+        except TimeoutError:
+            await self._abort(request_id)
+            raise EngineError(FailureKind.TIMEOUT, f"no answer within {timeout_s:g} s; the request was dropped") from None
+        except asyncio.CancelledError:
+            await self._abort(request_id)
+            raise
+        finally:
+            self._futures.pop(request_id, None)
+
+    async def _abort(self, request_id: int) -> None:
+        if self.engine_alive and self._futures.pop(request_id, None) is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                await self._sock.send(encode(Abort(request_id)))
+
+    async def _receive(self) -> None:
+        while True:
+            frame = await self._sock.recv(copy=False)
+            message = decode_outbound(frame.buffer)
+            future = self._futures.pop(message.request_id, None)
+            if future is None or future.done():  # aborted meanwhile
+                continue
+            if isinstance(message, Failure):
+                future.set_exception(EngineError(message.kind, message.message))
+            else:
+                future.set_result(message)
+
+    async def _watch(self) -> None:
+        while True:
+            event = parse_monitor_message(await self._monitor.recv_multipart())["event"]
+            if event == zmq.EVENT_CONNECTED:
+                self._connected.set()
+            elif event == zmq.EVENT_DISCONNECTED:
+                self._engine_gone()
+                return
+
+    def _engine_gone(self) -> None:
+        log.error("the engine core disconnected: failing %d waiting requests", len(self._futures))
+        self.engine_alive = False
+        self._connected.set()  # a start() still waiting returns; health then reports the death
+        futures, self._futures = self._futures, {}
+        for future in futures.values():
+            if not future.done():
+                future.set_exception(EngineError(FailureKind.ENGINE_GONE, "the engine process is gone"))

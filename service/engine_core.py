@@ -1,0 +1,379 @@
+"""The engine core: one process, one loop, the scheduler and the stage runner side by side.
+
+Each turn of the loop takes in what the API servers sent (new requests, aborts), asks the
+scheduler for a batch, runs it on the runner, lets the scheduler apply the exit rule to the
+confidences, and sends the answers back to the API server that asked. Nothing else runs in this
+process, so the model's op dispatch never waits for HTTP parsing or image decoding.
+
+``EngineCore`` is that logic without sockets (tests drive it directly); ``serve_engine_core`` is
+the process entry, which adds the ZeroMQ socket, the published queue depth and the ready handshake.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.scheduler import QueueFull, SchedulePlan, Scheduler
+from service.transport import Abort, Answer, Failure, FailureKind, Outbound, Shutdown, Submit
+
+log = logging.getLogger(__name__)
+
+ClientId = bytes  # the ZeroMQ identity of an API server process
+
+
+@dataclass
+class EngineHooks:
+    """Test-only observation and fault injection inside the engine process; all optional."""
+
+    before_batch: Callable[[int, Sequence[int]], None] | None = None  # raise to fail, block to hold
+    on_admit: Callable[[int], None] | None = None  # engine request id entered the queue
+    on_abort: Callable[[int], None] | None = None  # engine request id was aborted
+    on_idle: Callable[[dict[str, int]], None] | None = None  # the loop is about to wait for work
+
+
+@dataclass
+class _Request:
+    """What the engine holds for a request besides the scheduler's record."""
+
+    client: ClientId
+    client_request_id: int
+    image: np.ndarray | None  # (C, H, W) float32 until stage 0 has run
+    timeout_s: float
+    confidences: list[float] = field(default_factory=list)  # one per stage run
+    queue_s: float = 0.0
+    compute_s: float = 0.0
+
+
+class EngineCore:
+    """Admission, the schedule-run-update step and answer routing; no sockets, no processes."""
+
+    def __init__(self, scheduler: Scheduler, runner, metrics, exit_gmacs: Sequence[float],
+                 stage_gmacs: Sequence[float], hooks: EngineHooks | None = None):  # fmt: skip
+        self.scheduler, self.runner, self.metrics = scheduler, runner, metrics
+        self.exit_gmacs, self.stage_gmacs = tuple(exit_gmacs), tuple(stage_gmacs)
+        self.hooks = hooks or EngineHooks()
+        self.requests: dict[int, _Request] = {}  # by engine request id
+        self._by_client: dict[tuple[ClientId, int], int] = {}  # (client, its id) -> engine id
+        self._ids = itertools.count()
+        self._outbox: list[tuple[ClientId, Outbound]] = []
+        self.take_input: Callable[[], None] = lambda: None  # the process loop's non-blocking intake
+
+    # ------------------------------------------------------------------ input
+
+    def submit(self, client: ClientId, message: Submit, image: bytes) -> None:
+        """Admit a request, or answer at once with why not (queue full, wrong image shape)."""
+        shape = self.runner.image_shape
+        if len(image) != 4 * int(np.prod(shape)):
+            self._fail_now(client, message.request_id, FailureKind.BAD_INPUT,
+                           f"image frame of {len(image)} bytes; the model takes float32 {shape}")  # fmt: skip
+            return
+        request_id = next(self._ids)
+        deadline = time.monotonic() + message.timeout_s
+        try:
+            self.scheduler.add(request_id, message.threshold, deadline)
+        except QueueFull as e:
+            self._fail_now(client, message.request_id, FailureKind.QUEUE_FULL, f"queue full: {e}")
+            return
+        array = np.frombuffer(image, dtype=np.float32).reshape(shape)  # (C, H, W), no copy
+        self.requests[request_id] = _Request(client, message.request_id, array, message.timeout_s)
+        self._by_client[client, message.request_id] = request_id
+        if self.hooks.on_admit:
+            self.hooks.on_admit(request_id)
+
+    def abort(self, client: ClientId, message: Abort) -> None:
+        """Drop a request wherever it is; a running one is dropped when its batch ends."""
+        request_id = self._by_client.get((client, message.request_id))
+        if request_id is None:
+            return
+        self._forget(request_id)
+        if self.scheduler.abort(request_id) and self.hooks.on_abort:
+            self.hooks.on_abort(request_id)
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self) -> float | None:
+        """Schedule and run at most one batch. Returns 0 when more work is due now, else how long
+        the loop may wait for input (None: until something arrives)."""
+        plan = self.scheduler.schedule()
+        self._drop(plan)
+        if plan.stage is not None:
+            self._run(plan)
+        self._record_depth()
+        if plan.stage is not None:
+            return 0.0
+        if self.hooks.on_idle:
+            self.hooks.on_idle(self.in_flight())
+        return plan.next_due_s
+
+    def take_outbox(self) -> list[tuple[ClientId, Outbound]]:
+        out, self._outbox = self._outbox, []
+        return out
+
+    def in_flight(self) -> dict[str, int]:
+        """What the engine holds for unanswered requests (all zeros when idle): a leak check."""
+        return {
+            "requests": len(self.requests),
+            "scheduled": len(self.scheduler.requests),
+            "waiting": self.scheduler.num_waiting(),
+            "carried": len(self.runner.carried),
+        }
+
+    # ------------------------------------------------------------------ internals
+
+    def _drop(self, plan: SchedulePlan) -> None:
+        for request_id in plan.expired:
+            request = self._forget(request_id)
+            if request is not None:
+                self._reply(request, Failure(request.client_request_id, FailureKind.TIMEOUT,
+                                             f"no answer within {request.timeout_s:g} s; the request was dropped"))  # fmt: skip
+        if plan.dropped:
+            self.runner.release(plan.dropped)
+
+    def _run(self, plan: SchedulePlan) -> None:
+        label = str(plan.stage)
+        for request_id, wait_s in zip(plan.request_ids, plan.queue_wait_s):
+            self.requests[request_id].queue_s += wait_s
+            self.metrics.queue_wait.labels(label).observe(wait_s)
+        self._run_batch(plan)
+
+    def _run_batch(self, plan: SchedulePlan) -> None:
+        """Run one batch and apply its exits. A batch that runs out of device memory is retried as
+        two halves (recursively); a batch of one that still does not fit, or any other exception,
+        fails only that batch's requests."""
+        if not plan.request_ids:
+            return
+        stage, label = plan.stage, str(plan.stage)
+        self.metrics.batch_size.labels(label).observe(len(plan.request_ids))
+        try:
+            if self.hooks.before_batch:
+                self.hooks.before_batch(stage, plan.request_ids)
+            images = None
+            if stage == 0:
+                images = np.stack([self.requests[r].image for r in plan.request_ids])  # (B, C, H, W)
+            result = self.runner.run_stage(stage, plan.request_ids, images)
+        except Exception as e:  # one batch fails, the engine keeps serving
+            self._batch_raised(plan, e)
+            return
+        self.metrics.stage_compute.labels(label).observe(result.compute_s)
+        self.metrics.gmacs.inc(self.stage_gmacs[stage] * len(plan.request_ids))
+        update = self.scheduler.update(plan, result.confidence)
+        self.runner.carry(update.moved_on)
+        finished = set(update.finished)
+        for i, request_id in enumerate(plan.request_ids):
+            request = self.requests.get(request_id)
+            if request is None:  # aborted while its batch ran
+                continue
+            request.image = None
+            request.compute_s += result.compute_s
+            request.confidences.append(result.confidence[i])
+            if request_id in finished:
+                self._finish(request_id, stage, result.probabilities[i])
+
+    def _batch_raised(self, plan: SchedulePlan, error: Exception) -> None:
+        stage = plan.stage
+        oom = _is_out_of_memory(error)
+        self.metrics.batch_failures.labels(str(stage), "out_of_memory" if oom else "error").inc()
+        if oom and len(plan.request_ids) > 1:
+            size = len(plan.request_ids)
+            log.warning("stage %d batch of %d ran out of memory; retrying in halves", stage, size)
+            for half in (range(size // 2), range(size // 2, size)):
+                self.take_input()  # aborts that came in meanwhile keep their requests out of a retry
+                self._run_batch(self._without_aborted(sub_plan(plan, half)))
+            return
+        log.error("stage %d batch of %d failed: %r", stage, len(plan.request_ids), error)
+        self.runner.release(plan.request_ids)
+        for request_id in self.scheduler.fail(plan):
+            request = self._forget(request_id)
+            if request is None:
+                continue
+            if oom:
+                failure = Failure(request.client_request_id, FailureKind.OUT_OF_MEMORY,
+                                  f"the device ran out of memory for this image, even in a batch of one: {error}")  # fmt: skip
+            else:
+                failure = Failure(request.client_request_id, FailureKind.BATCH_FAILED,
+                                  f"inference failed for this batch: {type(error).__name__}: {error}")  # fmt: skip
+            self._reply(request, failure)
+
+    def _without_aborted(self, plan: SchedulePlan) -> SchedulePlan:
+        """Before a retry: requests aborted meanwhile leave the batch uncomputed (the scheduler
+        reports them in the next plan, so their carried tokens are freed)."""
+        live = [i for i, r in enumerate(plan.request_ids) if r in self.requests]
+        if len(live) < len(plan.request_ids):
+            gone = [i for i in range(len(plan.request_ids)) if i not in live]
+            self.scheduler.fail(sub_plan(plan, gone))  # all aborted: fails no one
+        return sub_plan(plan, live)
+
+    def _finish(self, request_id: int, stage: int, probabilities: np.ndarray) -> None:
+        request = self._forget(request_id)
+        gmacs = self.exit_gmacs[stage]
+        self.metrics.exits.labels(str(stage)).inc()
+        self.metrics.request_gmacs.observe(gmacs)
+        answer = Answer(request.client_request_id, stage, request.confidences,
+                        probabilities.astype(np.float32).tobytes(), request.queue_s, request.compute_s)  # fmt: skip
+        self._reply(request, answer)
+
+    def _fail_now(self, client: ClientId, client_request_id: int, kind: FailureKind, message: str) -> None:
+        self._outbox.append((client, Failure(client_request_id, kind, message)))
+
+    def _reply(self, request: _Request, message: Outbound) -> None:
+        self._outbox.append((request.client, message))
+
+    def _forget(self, request_id: int) -> _Request | None:
+        request = self.requests.pop(request_id, None)
+        if request is not None:
+            self._by_client.pop((request.client, request.client_request_id), None)
+        return request
+
+    def _record_depth(self) -> None:
+        for stage in range(self.scheduler.config.num_stages):
+            self.metrics.queue_depth.labels(str(stage)).set(self.scheduler.num_waiting(stage))
+        self.metrics.in_flight.set(len(self.requests))
+        self.metrics.carried.set(len(self.runner.carried))
+
+
+def sub_plan(plan: SchedulePlan, members: Sequence[int]) -> SchedulePlan:
+    """The batch members at these positions, for a retry. Drops were already handled with the
+    whole plan, so a sub-plan carries none."""
+    return SchedulePlan(
+        plan.stage,
+        request_ids=tuple(plan.request_ids[i] for i in members),
+        thresholds=tuple(plan.thresholds[i] for i in members),
+        queue_wait_s=tuple(plan.queue_wait_s[i] for i in members),
+    )
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError)
+
+
+# ----------------------------------------------------------------------------- the process
+
+
+def load_hooks(spec: str | None) -> EngineHooks | None:
+    """``module:factory`` (the ``engine_hooks`` setting, tests only) -> the factory's EngineHooks."""
+    if not spec:
+        return None
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)()
+
+
+def serve_engine_core(settings, address: str, published, ready_conn, cpus, threads: int) -> None:
+    """Process entry: load and warm up, say so on ``ready_conn``, then loop until ``Shutdown``.
+
+    ``published`` is shared memory the API servers read before decoding: ``[0]`` the number of
+    requests waiting in all queues, so overload is refused without spending a decode on it.
+    """
+    import zmq
+
+    from service import processes
+
+    processes.become_child("engine-core", cpus)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides when the engine stops
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        core, served = build_engine_core(settings, threads)
+    except Exception as e:
+        log.exception("the engine core could not start")
+        ready_conn.send(("failed", f"{type(e).__name__}: {e}"))
+        return
+    context = zmq.Context()
+    sock = context.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(address)
+    ready_conn.send(("ready", served, str(core.runner.device)))
+    ready_conn.close()
+    try:
+        _loop(core, sock, published)
+    finally:
+        sock.close()
+        context.term()
+
+
+def _loop(core: EngineCore, sock, published) -> None:
+    import zmq
+
+    from service.transport import encode
+
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    intake = _Intake(core, sock)
+    core.take_input = intake
+    wait_s: float | None = None
+    while not intake.shutdown:
+        timeout_ms = None if wait_s is None else max(0, int(wait_s * 1000 + 0.5))
+        if poller.poll(timeout_ms):
+            intake()
+            if intake.shutdown:
+                break
+        wait_s = core.step()
+        published[0] = core.scheduler.num_waiting()
+        for client, message in core.take_outbox():
+            sock.send_multipart([client, encode(message)], copy=False)
+    log.info("engine core: shutdown")
+
+
+class _Intake:
+    """Everything that arrived on the socket, without blocking, before the next batch is planned."""
+
+    def __init__(self, core: EngineCore, sock):
+        self.core, self.sock, self.shutdown = core, sock, False
+
+    def __call__(self) -> None:
+        import zmq
+
+        from service.transport import decode_inbound
+
+        while not self.shutdown:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            client, message = frames[0].bytes, decode_inbound(frames[1].buffer)
+            if isinstance(message, Submit):
+                self.core.submit(client, message, frames[2].buffer)
+            elif isinstance(message, Abort):
+                self.core.abort(client, message)
+            elif isinstance(message, Shutdown):
+                self.shutdown = True
+
+
+def build_engine_core(settings, threads: int):
+    """Load the checkpoint, warm up every stage and wire scheduler, runner and metrics."""
+    import torch
+
+    from model.checkpoint import load_checkpoint
+    from service.metrics import EngineMetrics
+    from service.runner import StageRunner, resolve_device
+    from service.scheduler import SchedulerConfig
+    from service.served_model import ServedModel
+
+    torch.set_num_threads(threads)
+    device = resolve_device(settings.device)
+    loaded = load_checkpoint(settings.checkpoint, preset=settings.preset, device=device)
+    loaded.model.set_attention_backend(settings.attention_backend)
+    served = ServedModel.from_checkpoint(settings.checkpoint.name, loaded)
+    num_stages = served.num_stages
+    config = SchedulerConfig(
+        num_stages=num_stages,
+        max_batch_sizes=settings.per_stage("max_batch_size", num_stages),
+        max_wait_s=tuple(ms / 1000 for ms in settings.per_stage("max_wait_ms", num_stages)),
+        max_queue_size=settings.max_queue_size,
+    )
+    runner = StageRunner(loaded.model, device, settings.autocast)
+    runner.warm_up(config.max_batch_sizes)
+    metrics = EngineMetrics(num_stages)
+    core = EngineCore(Scheduler(config), runner, metrics, served.exit_gmacs, served.stage_gmacs,
+                      load_hooks(settings.engine_hooks))  # fmt: skip
+    log.info("engine core %d: %s on %s, %d torch threads", os.getpid(), settings.checkpoint.name, device, threads)
+    return core, served
