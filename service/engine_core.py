@@ -35,9 +35,11 @@ class EngineHooks:
     """Test-only observation and fault injection inside the engine process; all optional."""
 
     before_batch: Callable[[int, Sequence[int]], None] | None = None  # raise to fail, block to hold
-    on_admit: Callable[[int], None] | None = None  # engine request id entered the queue
+    on_admit: Callable[[int, ClientId], None] | None = None  # engine request id, from which API server
     on_abort: Callable[[int], None] | None = None  # engine request id was aborted
     on_idle: Callable[[dict[str, int]], None] | None = None  # the loop is about to wait for work
+    paused: Callable[[], bool] | None = None  # while True the engine takes requests in, runs no batch
+    wake_fd: int | None = None  # readable when ``paused`` may have changed; the loop reads it empty
 
 
 @dataclass
@@ -87,7 +89,7 @@ class EngineCore:
         self.requests[request_id] = _Request(client, message.request_id, array, message.timeout_s)
         self._by_client[client, message.request_id] = request_id
         if self.hooks.on_admit:
-            self.hooks.on_admit(request_id)
+            self.hooks.on_admit(request_id, client)
 
     def abort(self, client: ClientId, message: Abort) -> None:
         """Drop a request wherever it is; a running one is dropped when its batch ends."""
@@ -307,15 +309,24 @@ def _loop(core: EngineCore, sock, published) -> None:
 
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
+    hooks = core.hooks
+    if hooks.wake_fd is not None:
+        poller.register(hooks.wake_fd, zmq.POLLIN)
     intake = _Intake(core, sock)
     core.take_input = intake
     wait_s: float | None = None
     while not intake.shutdown:
         timeout_ms = None if wait_s is None else max(0, int(wait_s * 1000 + 0.5))
-        if poller.poll(timeout_ms):
+        ready = dict(poller.poll(timeout_ms))
+        if sock in ready:
             intake()
-            if intake.shutdown:
-                break
+        if hooks.wake_fd in ready:
+            os.read(hooks.wake_fd, 4096)
+        if intake.shutdown:
+            break
+        if hooks.paused is not None and hooks.paused():
+            wait_s = None  # until input or a wake-up
+            continue
         wait_s = core.step()
         published[0] = core.scheduler.num_waiting()
         for client, message in core.take_outbox():

@@ -6,8 +6,10 @@ an ``EngineProbe`` the test owns:
 
 - the engine side (``hooks()``, imported inside the engine core) pushes events: every admission,
   abort and stage batch (with the engine's request ids) and what the engine holds when it goes idle;
-- the test side sends rules, acknowledged before the call returns: hold a batch until ``release()``,
-  raise an error or a real ``torch.OutOfMemoryError`` inside a batch, matched by stage, ids or size.
+- the test side sends commands, acknowledged before the call returns: pause the engine (requests
+  queue up, aborts are still taken in) until ``resume()``; hold a batch inside the engine until
+  ``release()``; raise an error or a real ``torch.OutOfMemoryError`` inside a batch, matched by
+  stage, ids or size.
 
 Everything waits on events with a timeout, never on sleeps.
 """
@@ -37,6 +39,8 @@ class _EngineSide:
         self._rules: list[dict] = []
         self._released = threading.Event()
         self._lock = threading.Lock()
+        self._paused = False
+        self.wake_read, self._wake_write = os.pipe()
         commands = self._context.socket(zmq.REP)
         commands.connect(f"{base}-commands")
         threading.Thread(target=self._serve_commands, args=(commands,), daemon=True).start()
@@ -52,6 +56,9 @@ class _EngineSide:
                     self._released.set()
                 elif command == "clear":
                     self._rules.clear()
+                elif command in ("pause", "resume"):
+                    self._paused = command == "pause"
+                    os.write(self._wake_write, b"x")
             sock.send_pyobj("ok")
 
     def before_batch(self, stage: int, request_ids) -> None:
@@ -72,11 +79,14 @@ class _EngineSide:
 
                 raise torch.OutOfMemoryError(rule.get("message", "injected: CUDA out of memory"))
 
-    def on_admit(self, request_id: int) -> None:
-        self._events.send_pyobj(("admit", request_id))
+    def on_admit(self, request_id: int, client: bytes) -> None:
+        self._events.send_pyobj(("admit", request_id, client))
 
     def on_abort(self, request_id: int) -> None:
         self._events.send_pyobj(("abort", request_id))
+
+    def paused(self) -> bool:
+        return self._paused
 
     def on_idle(self, in_flight: dict[str, int]) -> None:
         self._events.send_pyobj(("idle", in_flight))
@@ -96,8 +106,8 @@ def hooks():
     from service.engine_core import EngineHooks
 
     side = _EngineSide(os.environ[ADDRESS_VARIABLE])
-    return EngineHooks(before_batch=side.before_batch, on_admit=side.on_admit,
-                       on_abort=side.on_abort, on_idle=side.on_idle)  # fmt: skip
+    return EngineHooks(before_batch=side.before_batch, on_admit=side.on_admit, on_abort=side.on_abort,
+                       on_idle=side.on_idle, paused=side.paused, wake_fd=side.wake_read)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the test side
@@ -119,6 +129,7 @@ class EngineProbe:
         self.env = {ADDRESS_VARIABLE: base}
         self.batches: list[tuple[int, tuple[int, ...]]] = []  # (stage, engine request ids)
         self.admitted: list[int] = []
+        self.sender: dict[int, bytes] = {}  # engine request id -> the API server that sent it
         self.aborted: list[int] = []
         self.held: list[tuple[int, tuple[int, ...]]] = []
         self.in_flight: dict[str, int] | None = None  # as the engine last went idle
@@ -128,7 +139,15 @@ class EngineProbe:
 
     # rules -------------------------------------------------------------------
 
+    def pause(self) -> None:
+        """The engine keeps taking requests in (and aborts) but starts no batch until ``resume``."""
+        self._command("pause")
+
+    def resume(self) -> None:
+        self._command("resume")
+
     def hold_next_batch(self) -> None:
+        """The next batch blocks inside the engine, which then takes nothing in, until ``release``."""
         self.add_rule(action="hold", once=True)
 
     def release(self) -> None:
@@ -165,7 +184,9 @@ class EngineProbe:
         return {r for _, ids in self.batches for r in ids}
 
     def close(self) -> None:
-        self._context.destroy(linger=0)
+        self._commands.close(linger=0)
+        self._context.term()  # the collector sees ContextTerminated and closes its socket
+        self._thread.join()
 
     # internals -----------------------------------------------------------------
 
@@ -177,7 +198,8 @@ class EngineProbe:
         while True:
             try:
                 event = self._events.recv_pyobj()
-            except zmq.ZMQError:  # closed
+            except zmq.ContextTerminated:
+                self._events.close(linger=0)
                 return
             with self._changed:
                 kind = event[0]
@@ -187,6 +209,7 @@ class EngineProbe:
                     self.held.append(event[1:])
                 elif kind == "admit":
                     self.admitted.append(event[1])
+                    self.sender[event[1]] = event[2]
                 elif kind == "abort":
                     self.aborted.append(event[1])
                 elif kind == "idle":

@@ -1,10 +1,11 @@
-"""Served answers against the offline model, over real HTTP to a real uvicorn on loopback."""
+"""Served answers against the offline model, over real HTTP to a real server (every process) on loopback."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -17,9 +18,10 @@ from model.inference import adaptive_inference
 from model.preprocess import preprocess_image
 from model.thinkingvit import confidence
 from service.served_model import cheapest_threshold
-from tests.conftest import TINY_CLASSES, WorkerGate, metric_value
+from tests.conftest import TINY_CLASSES, metric_value
 
 CONF_TOLERANCE = 1e-6  # batch composition changes float rounding (~1e-7 here)
+PRINTED = 5e-5  # answers print confidences to 4 significant digits
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,9 @@ def assert_matches(served: list[dict], expected: list[tuple[int, int, float]]) -
         assert answer["class_index"] == class_index
         assert answer["label"] == TINY_CLASSES[class_index]
         assert answer["exit_stage"] == stage and answer["stages_run"] == stage + 1
-        assert answer["confidence"] == pytest.approx(conf, abs=CONF_TOLERANCE)
+        assert answer["confidence"] == pytest.approx(conf, abs=PRINTED)
+        assert answer["stage_confidences"][-1] == answer["confidence"]
+        assert len(answer["stage_confidences"]) == stage + 1
 
 
 def batch_files(images: list[bytes]) -> list:
@@ -78,12 +82,15 @@ async def classify_concurrently(url: str, images: list[bytes], thresholds: list[
     return [r.json() for r in responses]
 
 
-def test_concurrent_mixed_thresholds_equal_offline(start_server, test_images, offline, mixed_thresholds):
-    """Many clients at once; the worker is held until all are queued, so batches mix thresholds
-    and stage-1 batches gather survivors of several stage-0 batches."""
-    gate = WorkerGate(hold=True)
-    server = start_server(gate.hooks(), max_batch_size=[8], max_wait_ms=[1000.0, 20.0])
-    releaser = asyncio.to_thread(lambda: (gate.wait_admitted(len(test_images)), gate.release()))
+@pytest.mark.parametrize("api_servers", [1, 2])
+def test_concurrent_mixed_thresholds_equal_offline(start_server, probe, test_images, offline, mixed_thresholds,
+                                                   api_servers):  # fmt: skip
+    """Many clients at once; the engine is held until all are queued, so batches mix thresholds
+    and stage-1 batches gather survivors of several stage-0 batches (and, with two API servers,
+    requests that came through different processes)."""
+    server = start_server(probe, api_servers=api_servers, max_batch_size=[8], max_wait_ms=[1000.0, 20.0])
+    probe.pause()
+    releaser = asyncio.to_thread(lambda: (probe.wait_admitted(len(test_images)), probe.resume()))
 
     async def scenario():
         served, _ = await asyncio.gather(
@@ -96,8 +103,9 @@ def test_concurrent_mixed_thresholds_equal_offline(start_server, test_images, of
     assert_matches(served, expected)
     stages = [stage for _, stage, _ in expected]
     assert 0 < stages.count(1) < len(stages), "the thresholds should split the images between stages"
-    stage1_batches = [ids for stage, ids in gate.batches if stage == 1]
+    stage1_batches = [ids for stage, ids in probe.batches if stage == 1]
     assert sum(map(len, stage1_batches)) == stages.count(1)
+    probe.wait_idle()
 
     metrics = httpx.get(f"{server.url}/metrics").text
     assert metric_value(metrics, "thinkingvit_batch_size_bucket", stage="0", le="1.0") < metric_value(
@@ -128,7 +136,7 @@ def test_threshold_one_runs_every_stage(start_server, test_images, offline, tiny
     gmacs = cumulative_gmacs(offline[0].config)
     assert {a["exit_stage"] for a in served} == {1}
     assert {a["heads_used"] for a in served} == {4}
-    assert [a["gmacs"] for a in served] == pytest.approx([gmacs[1]] * len(served))
+    assert [a["gmacs"] for a in served] == pytest.approx([gmacs[1]] * len(served), rel=5e-4)  # 4 digits
     assert_matches(served, offline_answers(offline, [1.0] * len(test_images)))
 
 
@@ -228,3 +236,24 @@ def test_metrics_pass_promtool(start_server, test_images):
         assert f"# TYPE {name.removesuffix('_total')} " in text or f"# TYPE {name} " in text, name
     assert metric_value(text, "thinkingvit_rejections_total", reason="unsupported_media_type") == 1
     assert metric_value(text, "thinkingvit_gmacs_total") > 0
+
+
+def test_requests_from_two_api_servers_meet_in_one_stage_batch(start_server, probe, test_images):
+    """With the engine paused, requests arrive on fresh connections until both API server processes
+    have handed some over; the first batch then holds requests of both."""
+    server = start_server(probe, api_servers=2, max_batch_size=[64], max_wait_ms=[0.0])
+    probe.pause()
+    post = lambda data: httpx.post(f"{server.url}/classify", files={"file": ("x.png", data)}, timeout=60)
+    with ThreadPoolExecutor(32) as pool:
+        futures = []
+        for wave in range(10):  # each request on its own connection: the kernel hands them to either process
+            futures += [pool.submit(post, data) for data in test_images[:3]]
+            probe.wait_admitted(3 * (wave + 1))
+            if len(set(probe.sender.values())) == 2:
+                break
+        assert len(set(probe.sender.values())) == 2, "every request went through one API server"
+        probe.resume()
+        assert [f.result().status_code for f in futures] == [200] * len(futures)
+    first_batch = next(ids for stage, ids in probe.batches if stage == 0)
+    assert set(first_batch) == set(probe.admitted)
+    probe.wait_idle()
