@@ -8,6 +8,7 @@ listening socket (``api_servers``); ``service.launcher`` starts them once the en
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -112,6 +113,7 @@ class DrainingServer(uvicorn.Server):
             return  # already draining: the launcher and an orchestrator may both send SIGTERM
         api.draining_since = time.perf_counter()
         api.metrics.ready.set(0)
+        log.info("API server %d draining: %d requests in flight finish", os.getpid(), api.engine.pending())
         super().handle_exit(sig, frame)
         self._captured_signals.clear()  # not re-raised after the drain: the exit is a clean one
 

@@ -325,6 +325,7 @@ def _loop(core: EngineCore, sock, published) -> None:
         if intake.shutdown:
             break
         if hooks.paused is not None and hooks.paused():
+            published[0] = core.scheduler.num_waiting()
             wait_s = None  # until input or a wake-up
             continue
         wait_s = core.step()

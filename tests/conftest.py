@@ -5,13 +5,15 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +72,29 @@ class Server:
     process: subprocess.Popen
     log_path: Path
     probe: EngineProbe | None = None
+    _lines: list[str] = field(default_factory=list)
+    _logged: threading.Condition = field(default_factory=threading.Condition)
+
+    def _follow(self) -> None:
+        """Copy the server's output to its log file, line by line, and wake ``wait_log``."""
+        with self.log_path.open("w") as log:
+            for line in self.process.stdout:
+                log.write(line)
+                log.flush()
+                with self._logged:
+                    self._lines.append(line)
+                    self._logged.notify_all()
+
+    def wait_log(self, pattern: str, count: int = 1) -> list[re.Match]:
+        """Until ``count`` lines of the server's output match ``pattern``."""
+        def found():
+            return [m for line in self._lines if (m := re.search(pattern, line))]
+
+        with self._logged:
+            assert self._logged.wait_for(lambda: len(found()) >= count, STOP_TIMEOUT_S), (
+                f"the server never logged {pattern!r} {count} times:\n{''.join(self._lines)[-3000:]}"
+            )
+            return found()
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         """Signal the launcher and wait for it (SIGKILL after a minute); returns its exit status."""
@@ -83,7 +108,8 @@ class Server:
         return self.process.returncode
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        with self._logged:
+            return "".join(self._lines)
 
     def children(self) -> dict[str, int]:
         """The launcher's children by role ('engine-core', 'api-0', ...), from /proc."""
@@ -133,13 +159,13 @@ def launch_server(probe: EngineProbe | None = None, log_dir: Path | None = None,
     env.update(settings_env(settings | (probe.settings if probe else {})))
     env.update(probe.env if probe else {})
     log_path = Path(tempfile.mkstemp(prefix="thinkingvit-server-", suffix=".log", dir=log_dir)[1])
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve"], cwd=REPO, env=env, stdout=log,
-            stderr=subprocess.STDOUT, pass_fds=(sock.fileno(),), start_new_session=True,
-        )  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, pass_fds=(sock.fileno(),), start_new_session=True,
+    )  # fmt: skip
     sock.close()  # the server holds its own copy
     server = Server(url, process, log_path, probe)
+    threading.Thread(target=server._follow, daemon=True).start()
     try:
         httpx.get(f"{url}/readyz", timeout=STARTUP_TIMEOUT_S).raise_for_status()
     except Exception:

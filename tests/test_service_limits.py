@@ -1,7 +1,7 @@
-"""Limits and failure behaviour over real HTTP: bad input, 429, 504, disconnects, faults, drain.
+"""Limits and failure behaviour over real HTTP: bad input, 429, 504, disconnects, faults.
 
-Queue states are made deterministic by holding the worker in its first batch (``WorkerGate``)
-and waiting on admission and abort hooks, never on sleeps.
+Queue states are made deterministic by pausing the engine core (``EngineProbe``: requests queue
+up, aborts are still taken in) and waiting on its admission and abort events, never on sleeps.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import WorkerGate, metric_value, png_bytes
+from tests.conftest import metric_value, png_bytes
 
 
 def post_image(url: str, data: bytes, **params) -> httpx.Response:
@@ -98,44 +98,59 @@ def test_batch_limits(start_server, test_images):
 # ---------------------------------------------------------------------------------- capacity and time
 
 
-def test_queue_full_is_429_with_retry_after(start_server, test_images, background):
-    gate = WorkerGate(hold=True)
-    server = start_server(
-        gate.hooks(), max_queue_size=2, max_batch_size=[1], max_wait_ms=[0.0], retry_after_s=3
-    )
-    first = background.submit(post_image, server.url, test_images[0])
-    gate.wait_held()  # request 0 is in the worker, the queue is empty
-    queued = [background.submit(post_image, server.url, image) for image in test_images[1:3]]
-    gate.wait_admitted(3)  # the queue holds 2: full
+API_SERVERS = pytest.mark.parametrize("api_servers", [1, 2])
+
+
+@API_SERVERS
+def test_queue_full_is_429_with_retry_after(start_server, probe, test_images, background, api_servers):
+    server = start_server(probe, api_servers=api_servers, max_queue_size=2, max_batch_size=[1],
+                          max_wait_ms=[0.0], retry_after_s=3)  # fmt: skip
+    probe.pause()
+    queued = [background.submit(post_image, server.url, image) for image in test_images[:2]]
+    probe.wait_admitted(2)  # the queue holds 2: full
     refused = post_image(server.url, test_images[3])
     assert_error(refused, 429, "queue_full")
     assert refused.headers["retry-after"] == "3"
-    gate.release()
-    assert [f.result().status_code for f in [first, *queued]] == [200, 200, 200]
+    probe.resume()
+    assert [f.result().status_code for f in queued] == [200, 200]
     metrics = httpx.get(f"{server.url}/metrics").text
     assert metric_value(metrics, "thinkingvit_rejections_total", reason="queue_full") == 1
+    assert probe.admitted == [0, 1], "the refused request never reached a queue"
 
 
-def test_timeout_is_504_and_the_request_is_never_computed(start_server, test_images, background):
-    gate = WorkerGate(hold=True)
-    server = start_server(gate.hooks(), max_batch_size=[1], max_wait_ms=[0.0])
+@API_SERVERS
+def test_timeout_is_504_and_the_request_is_never_computed(start_server, probe, test_images, background,
+                                                          api_servers):  # fmt: skip
+    server = start_server(probe, api_servers=api_servers, max_batch_size=[1], max_wait_ms=[0.0])
+    probe.pause()
     first = background.submit(post_image, server.url, test_images[0])
-    gate.wait_held()
+    probe.wait_admitted(1)
     assert_error(post_image(server.url, test_images[1], timeout_ms=50), 504, "timeout")
-    assert gate.aborted == [1]
-    metrics = httpx.get(f"{server.url}/metrics").text
-    assert metric_value(metrics, "thinkingvit_queue_depth", stage="0") == 0
-    gate.release()
+    probe.wait_aborted(1)
+    assert probe.aborted == [1]
+    probe.resume()
     assert first.result().status_code == 200
     assert post_image(server.url, test_images[2]).status_code == 200  # request 2
-    assert gate.computed() == {0, 2}
+    assert probe.computed() == {0, 2}
+    probe.wait_idle()
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert metric_value(metrics, "thinkingvit_queue_depth", stage="0") == 0
 
 
-def test_client_disconnect_cancels_the_request(start_server, test_images, background):
-    gate = WorkerGate(hold=True)
-    server = start_server(gate.hooks(), max_batch_size=[1], max_wait_ms=[0.0])
+def test_timeout_ms_cannot_lengthen_the_server_deadline(start_server, probe, test_images):
+    server = start_server(probe, request_timeout_s=0.2, max_batch_size=[1], max_wait_ms=[0.0])
+    probe.pause()
+    error = assert_error(post_image(server.url, test_images[0], timeout_ms=60_000), 504, "timeout")
+    assert "0.2 s" in error["message"]
+    probe.resume()
+
+
+@API_SERVERS
+def test_client_disconnect_cancels_the_request(start_server, probe, test_images, background, api_servers):
+    server = start_server(probe, api_servers=api_servers, max_batch_size=[1], max_wait_ms=[0.0])
+    probe.pause()
     first = background.submit(post_image, server.url, test_images[0])
-    gate.wait_held()
+    probe.wait_admitted(1)
     body = test_images[1]
     port = int(server.url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port)) as client:
@@ -144,57 +159,60 @@ def test_client_disconnect_cancels_the_request(start_server, test_images, backgr
             f"Content-Length: {len(body)}\r\n\r\n"
         )
         client.sendall(head.encode() + body)
-        gate.wait_admitted(2)
-    gate.wait_aborted(1)
-    gate.release()
+        probe.wait_admitted(2)
+    probe.wait_aborted(1)  # the abort crossed from the API server into the engine process
+    probe.resume()
     assert first.result().status_code == 200
     assert post_image(server.url, test_images[2]).status_code == 200
-    assert gate.aborted == [1] and gate.computed() == {0, 2}
+    assert probe.aborted == [1] and probe.computed() == {0, 2}
     metrics = httpx.get(f"{server.url}/metrics").text
     assert metric_value(metrics, "thinkingvit_requests_total", outcome="cancelled") == 1
+
+
+def test_a_client_that_hangs_up_while_sending_its_body_is_never_admitted(start_server, probe, test_images):
+    server = start_server(probe, max_batch_size=[1], max_wait_ms=[0.0])
+    body = test_images[1]
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        head = (
+            "POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        client.sendall(head.encode() + body[: len(body) // 2])
+    wait_for_metric(server.url, "thinkingvit_requests_total", 1, outcome="cancelled")
+    assert post_image(server.url, test_images[2]).status_code == 200
+    assert probe.admitted == [0], "only the complete request reached the engine"
+
+
+def wait_for_metric(url: str, name: str, value: float, **labels) -> None:
+    """Scrape until the metric reaches ``value`` (the server counts after it answers)."""
+    with httpx.Client(base_url=url) as client:
+        for _ in range(600):  # bounded: one scrape per round trip, no sleep
+            if metric_value(client.get("/metrics").text, name, **labels) >= value:
+                return
+    raise AssertionError(f"{name}{labels} never reached {value}")
 
 
 # ---------------------------------------------------------------------------------- faults
 
 
-def test_exception_in_a_batch_fails_only_that_batch(start_server, test_images, background):
-    gate = WorkerGate(hold=True, fail_first=True)
-    server = start_server(gate.hooks(), max_batch_size=[1], max_wait_ms=[0.0])
-    first = background.submit(post_image, server.url, test_images[0])
-    gate.wait_held()
-    others = [background.submit(post_image, server.url, image) for image in test_images[1:3]]
-    gate.wait_admitted(3)
-    gate.release()
-    error = assert_error(first.result(), 500, "error")
+def test_exception_in_a_batch_fails_only_that_batch(start_server, probe, test_images, background):
+    server = start_server(probe, max_batch_size=[1], max_wait_ms=[0.0])
+    probe.pause()
+    requests = [background.submit(post_image, server.url, image) for image in test_images[:3]]
+    probe.wait_admitted(3)
+    probe.add_rule(action="raise", once=True, message="injected fault")
+    probe.resume()
+    error = assert_error(requests[0].result(), 500, "error")
     assert "injected fault" in error["message"]
-    assert [f.result().status_code for f in others] == [200, 200]
+    assert [f.result().status_code for f in requests[1:]] == [200, 200]
     assert post_image(server.url, test_images[3]).status_code == 200
-    assert server.app.state.runtime.engine.worker.carried == set()
+    probe.wait_idle()  # nothing carried or queued is left inside the engine
 
 
-def test_no_carried_tokens_leak(start_server, test_images):
-    server = start_server()
+def test_no_carried_tokens_leak(start_server, probe, test_images):
+    server = start_server(probe)
     files = [("files", (f"{i}.png", image, "image/png")) for i, image in enumerate(test_images[:8])]
     assert httpx.post(f"{server.url}/classify/batch", params={"threshold": 1}, files=files).status_code == 200
-    assert server.app.state.runtime.engine.worker.carried == set()
-
-
-# ---------------------------------------------------------------------------------- drain
-
-
-def test_drain_turns_readiness_off_and_finishes_in_flight_work(start_server, test_images, background):
-    gate = WorkerGate(hold=True)
-    server = start_server(gate.hooks(), max_batch_size=[1], max_wait_ms=[0.0])
-    first = background.submit(post_image, server.url, test_images[0])
-    gate.wait_held()
-    with httpx.Client(base_url=server.url) as client:
-        assert client.get("/readyz").status_code == 200
-        server.app.state.runtime.engine.begin_drain_threadsafe()
-        assert client.get("/readyz").json() == {"status": "draining"}
-        assert client.get("/v2/health/ready").status_code == 503
-        assert client.get("/healthz").status_code == 200
-        refused = client.post("/classify", files={"file": ("a.png", test_images[1], "image/png")})
-        assert_error(refused, 503, "draining")
-        assert "retry-after" in refused.headers
-    gate.release()
-    assert first.result().status_code == 200
+    assert {stage for stage, _ in probe.batches} == {0, 1}
+    probe.wait_idle()
