@@ -58,6 +58,7 @@ async def lifespan(app: FastAPI, engine_address: str, published) -> AsyncIterato
     api.engine = EngineClient(engine_address, published)
     await api.engine.start()
     api.metrics.ready.set(1 if api.ready else 0)
+    log.info("API server %d ready", os.getpid())
     try:
         with pillow_pixel_limit(api.settings.max_image_pixels):
             yield

@@ -186,8 +186,9 @@ def start_server(tiny_checkpoint, tmp_path) -> Iterator[Callable[..., Server]]:
 
     yield start
     for running in servers:
-        if running.probe is not None:
+        if running.probe is not None and running.process.poll() is None:
             running.probe.release()  # a test that failed while the engine was held
+            running.probe.resume()
         running.stop()
         if running.probe is not None:
             running.probe.close()

@@ -124,6 +124,7 @@ class EngineProbe:
         self._events.bind(f"{base}-events")
         self._commands = self._context.socket(zmq.REQ)
         self._commands.setsockopt(zmq.RCVTIMEO, TIMEOUT_S * 1000)
+        self._commands.setsockopt(zmq.SNDTIMEO, TIMEOUT_S * 1000)
         self._commands.bind(f"{base}-commands")
         self.settings = {"engine_hooks": "tests.engine_probe:hooks"}
         self.env = {ADDRESS_VARIABLE: base}
