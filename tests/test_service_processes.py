@@ -68,6 +68,7 @@ def test_a_killed_api_server_is_replaced_and_the_others_keep_serving(start_serve
     victim = before["api-server-0"]
     os.kill(victim, signal.SIGKILL)
     server.wait_log(rf"API server 0 \(pid {victim}\) died with exit code -9: restarting it")
+    server.wait_log(r"API server \d+ ready", count=3)  # the replacement
     with ThreadPoolExecutor(8) as pool:  # every request is answered, whichever process takes it
         assert list(pool.map(lambda image: outcome(server.url, image), test_images[:16])) == [200] * 16
     after = server.children()
