@@ -6,6 +6,7 @@ preprocessing, training summary, calibration). Pickles are read with ``weights_o
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
@@ -22,6 +23,12 @@ from model.thinkingvit import ThinkingViT, ThinkingViTConfig, get_config, recycl
 METADATA_KEY = "thinkingvit"
 FORMAT_VERSION = "thinkingvit-serve/1"
 AUTHORS_HEAD_DIM = 64
+
+# timm's CheckpointSaver, which wrote the authors' training checkpoints, pickles the training args
+# as an argparse.Namespace (a plain attribute bag) next to the weights; without this allowance a
+# weights-only load refuses every one of their .pth.tar files. (torch>=2.4 has add_safe_globals;
+# the safe_globals context manager needs 2.5.)
+torch.serialization.add_safe_globals([argparse.Namespace])
 
 
 class CheckpointError(ValueError):

@@ -86,6 +86,10 @@ PRESETS: dict[str, ThinkingViTConfig] = {
     "tiny-test": ThinkingViTConfig(
         img_size=16, patch_size=4, in_chans=1, num_classes=10, depth=2, head_dim=8, stages=(2, 4)
     ),
+    # the layout of tests/fixtures/authors/v2-2-3-6-hd8: head_dim 8 cannot be inferred from shapes
+    "tiny-authors-2-3-6": ThinkingViTConfig(
+        img_size=16, patch_size=4, in_chans=1, num_classes=1000, depth=2, head_dim=8, stages=(2, 3, 6)
+    ),
 }
 
 

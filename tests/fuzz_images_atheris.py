@@ -1,4 +1,7 @@
-"""Coverage-guided fuzzing of the image path with atheris (libFuzzer); a manual run, not CI.
+"""Coverage-guided fuzzing of the image path with atheris (libFuzzer).
+
+CI runs it for 20 s (``tests/test_fuzz_images.py::test_a_short_atheris_run_finds_nothing``);
+longer sessions are manual:
 
     pip install atheris
     python tests/fuzz_images_atheris.py -max_total_time=600 -rss_limit_mb=1024 -timeout=20

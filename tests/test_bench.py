@@ -6,6 +6,7 @@ the report is built from is a finite number.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -48,6 +49,11 @@ def check_run(run: dict) -> None:
     assert not run["errors"], run["errors"]
 
 
+def test_litserve_is_installed():
+    """CI installs LitServe; without it the benchmark would silently leave its peer out."""
+    assert importlib.util.find_spec("litserve") is not None, "litserve is not importable: pip install litserve"
+
+
 def test_thresholds_cover_the_issue_list(smoke):
     result, _ = smoke
     elastic = result["elastic_threshold"]["threshold"]
@@ -83,7 +89,7 @@ def test_every_system_has_a_sweep_and_an_open_loop_run(smoke):
     result, _ = smoke
     systems = result["systems"]
     elastic = f"ours@{result['elastic_threshold']['threshold']:g}"
-    assert {elastic, "ours@1", "fastapi"} <= set(systems)
+    assert {elastic, "ours@1", "fastapi", "litserve"} <= set(systems)  # no peer may drop out
     for name, system in systems.items():
         assert [p["concurrency"] for p in system["sweep"]] == result["meta"]["plan"]["sweep"], name
         for point in system["sweep"]:
@@ -93,19 +99,20 @@ def test_every_system_has_a_sweep_and_an_open_loop_run(smoke):
         assert finite(loop["offered_rate"]) and loop["offered_rate"] > 0
         assert loop["requests"] > 0 and finite(loop["p99_over_p50"]) and loop["p99_over_p50"] >= 1
     check_run(systems["fastapi"]["batch_endpoint"])
-    assert set(result["systems_settings"]) >= {"ours", "fastapi"}
+    assert set(result["systems_settings"]) >= {"ours", "fastapi", "litserve"}
 
 
 def test_goals_and_metadata(smoke):
     result, _ = smoke
     goals = {g["goal"]: g for g in result["goals"]}
     assert {"elastic_gain", "served_over_limit", "vs_fastapi", "vs_litserve", "p99_over_p50"} <= set(goals)
-    for name in ("elastic_gain", "served_over_limit", "vs_fastapi", "p99_over_p50"):
+    for name in ("elastic_gain", "served_over_limit", "vs_fastapi", "vs_litserve", "p99_over_p50"):
         assert finite(goals[name]["value"]) and isinstance(goals[name]["met"], bool), name
     meta = result["meta"]
     assert meta["cores"] >= 1 and meta["default_torch_threads"] >= 1 and meta["smoke"] is True
     assert all(s["torch_threads"] >= 1 for s in result["systems_settings"].values())
     assert meta["versions"]["torch"] != "not installed"
+    assert meta["versions"]["litserve"] != "not installed"
     assert all(result["offline"]["stage_timings_by_threads"].values())
 
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from model.checkpoint import (
     CheckpointError,
@@ -16,8 +16,9 @@ from model.checkpoint import (
     save_checkpoint,
 )
 from model.preprocess import FASHION_MNIST
-from model.thinkingvit import ThinkingViT, ThinkingViTConfig
+from model.thinkingvit import ThinkingViT, ThinkingViTConfig, get_config
 from service.cli import main as cli_main
+from tests.test_authors_reference import unpack
 from tests.test_model import randomise
 
 V2 = ThinkingViTConfig(img_size=32, patch_size=16, in_chans=3, num_classes=5, depth=2, head_dim=64, stages=(3, 6))
@@ -149,3 +150,23 @@ def test_info_command_prints_metadata_params_and_gmacs(tmp_path, capsys):
     assert len(info["stage_gmacs"]) == 2 and info["cumulative_gmacs"][1] > info["stage_gmacs"][0]
     assert info["metadata"]["class_names"] == list("abcde")
     assert read_metadata(path)["preset"] == "custom"
+
+
+def test_preset_reads_a_checkpoint_without_metadata_whose_shapes_cannot_say_its_config(tmp_path, capsys):
+    """The authors' v2 export of a head_dim-8 model (tests/fixtures/authors): the shapes cannot say
+    the head size (inference assumes their 64), so without a preset the file is refused; with
+    ``--preset`` both ``thinkingvit info`` and ``load_checkpoint`` read it whole."""
+    path = unpack(tmp_path, "v2-2-3-6-hd8.safetensors")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError):
+        cli_main(["info", str(path)])
+    assert cli_main(["info", str(path), "--preset", "tiny-authors-2-3-6"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["source_layout"] == "authors-v2"
+    assert info["stage_heads"] == [2, 3, 6]
+    assert info["metadata"]["preset"] == "tiny-authors-2-3-6"
+    assert info["metadata"]["config"] == get_config("tiny-authors-2-3-6").to_dict()
+    assert info["parameters"] == sum(t.numel() for t in load_file(str(path)).values())
+    loaded = load_checkpoint(path, preset="tiny-authors-2-3-6")
+    assert loaded.model.config == get_config("tiny-authors-2-3-6")

@@ -313,3 +313,27 @@ def test_decoding_stays_within_a_memory_budget():
 
 def test_formats_are_the_documented_ones():
     assert FORMATS == ("PNG", "JPEG", "GIF", "WEBP", "TIFF", "BMP")
+
+
+ATHERIS_SECONDS = int(os.environ.get("THINKINGVIT_ATHERIS_SECONDS", "20"))
+
+
+def test_a_short_atheris_run_finds_nothing(tmp_path):
+    """CI's coverage-guided run: ``tests/fuzz_images_atheris.py`` for ``ATHERIS_SECONDS`` (20 s;
+    the long runs in docs/reliability.md are manual). CI installs atheris (the test extra), so its
+    absence fails. libFuzzer exits non-zero and writes ``crash-*``, ``oom-*`` or ``timeout-*`` for
+    an input that breaks ``check_decode``."""
+    import importlib.util
+
+    assert importlib.util.find_spec("atheris") is not None, "atheris is not importable: pip install atheris"
+    (tmp_path / "corpus").mkdir()  # libFuzzer adds the inputs that reach new coverage here
+    proc = subprocess.run(
+        [sys.executable, "tests/fuzz_images_atheris.py", f"-max_total_time={ATHERIS_SECONDS}",
+         "-rss_limit_mb=2048", "-timeout=20", f"-artifact_prefix={tmp_path}/", str(tmp_path / "corpus")],
+        cwd=REPO, capture_output=True, text=True, timeout=ATHERIS_SECONDS + 120, check=False,
+    )  # fmt: skip
+    log = proc.stderr[-3000:]
+    assert proc.returncode == 0, log
+    assert [p.name for p in tmp_path.iterdir() if p.name != "corpus"] == [], log
+    runs = [int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("Done ")]
+    assert runs and runs[0] >= 100, f"libFuzzer did not run: {log}"

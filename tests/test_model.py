@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from model.compute import cumulative_gmacs, expected_gmacs, stage_gmacs
 from model.inference import adaptive_inference
@@ -18,6 +20,7 @@ from model.thinkingvit import (
     exits_early,
     qkv_rows_to_authors,
     qkv_rows_to_head_major,
+    recycle_proj_name,
 )
 from tests.timm_stub import import_timm_vit
 
@@ -189,12 +192,54 @@ def test_token_recycling_with_nonzero_alpha_matches_the_formula():
     assert not torch.allclose(ours[1], no_recycling[1], atol=1e-3)  # alpha really changes stage 2
 
 
-def test_stage_weights_are_views_of_the_shared_tensors():
-    model = ThinkingViT(SMALL)
-    attn = model.blocks[0].attn
-    rows = 3 * 2 * SMALL.head_dim
-    view = attn.qkv.weight[:rows, : SMALL.stage_dim(0)]
-    assert view.data_ptr() == attn.qkv.weight.data_ptr()  # a row prefix: no gather, no copy
+class WeightReads(TorchDispatchMode):
+    """Records, for every aten op a forward runs, which parameters' storage it reads, and every op
+    that makes a new tensor from parameters alone: a per-call copy (clone, contiguous, gather,
+    cat of weight blocks, ...) of the weights, which a stage must never make."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.storages = {p.untyped_storage().data_ptr(): name for name, p in model.named_parameters()}
+        self.read: set[str] = set()
+        self.copies: list[str] = []
+
+    def param(self, t: torch.Tensor) -> str | None:
+        return self.storages.get(t.untyped_storage().data_ptr())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        sources = args[1:] if func is torch.ops.aten.copy_.default else (args, kwargs)
+        if "out" in kwargs:  # an out= variant overwrites its destination: not a read
+            sources = (args, {k: v for k, v in kwargs.items() if k != "out"})
+        # index tensors (a gather's positions) are not data: only floating-point operands count
+        reads = [t for t in tree_flatten(sources)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        names = [self.param(t) for t in reads]
+        self.read.update(n for n in names if n)
+        fresh = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and not self.param(t)]
+        if reads and all(names) and fresh:
+            self.copies.append(f"{func}({', '.join(names)})")
+        return out
+
+
+@torch.no_grad()
+def test_stage_forward_reads_the_weights_in_place_without_copies():
+    """No weight copies per call, checked through the real forward of every stage: every tensor
+    an op reads that lives in a parameter's storage is read there (views only), and no op builds
+    a new tensor from parameters alone."""
+    model = randomise(ThinkingViT(SMALL), alpha=0.5).eval()
+    model.set_attention_backend("sdpa")
+    images = torch.randn(2, 3, SMALL.img_size, SMALL.img_size)
+    embedded, recycled = model.embed(images), None
+    for stage in range(model.num_stages):
+        with WeightReads(model) as mode:
+            recycled = model.forward_stage(stage, embedded, recycled).tokens
+        assert mode.copies == [], f"stage {stage} copies weights per call: {mode.copies}"
+        expected = {n for n, _ in model.named_parameters() if n.startswith(("blocks.", "norm.", "head."))}
+        if stage > 0:
+            proj = recycle_proj_name(stage - 1)
+            expected |= {f"alpha.{stage - 1}", f"{proj}.weight", f"{proj}.bias"}
+        assert expected <= mode.read, f"not seen reading {sorted(expected - mode.read)}"
 
 
 def test_confidence_maps_entropy_to_unit_interval():

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from bench.ship_default_model import accuracy_cells
 from model import create_model
-from model.checkpoint import build_metadata, load_checkpoint, save_checkpoint
+from model.checkpoint import build_metadata, load_checkpoint, read_metadata, save_checkpoint
 from model.data import load_fashion_mnist, load_image_folder, read_idx
 from model.evaluate import calibration_profile, default_thresholds, sweep, threshold_within, write_outputs
 from model.preprocess import FASHION_MNIST
@@ -147,6 +147,36 @@ def test_eval_compares_an_ablation_on_the_same_axes(tmp_path, capsys):
     assert [r["threshold"] for r in frozen_sweep["rows"]] == [r["threshold"] for r in main_sweep["rows"]]
     assert printed["compared"]["alpha0 (alpha +0.000)"]["stage_accuracy"] == frozen_sweep["stage_accuracy"]
     assert (out / "sweep.png").stat().st_size > 0 and (out / "alpha0" / "sweep.png").stat().st_size > 0
+
+
+def test_eval_write_calibration_round_trips_into_the_checkpoint(tmp_path, capsys):
+    """``thinkingvit eval --write-calibration`` stores the sweep it wrote as the checkpoint's
+    calibration profile; the weights and every other metadata entry come back unchanged."""
+    torch.manual_seed(0)
+    model = create_model("fmnist-3-6")
+    with torch.no_grad():
+        model.alpha[0].fill_(0.25)
+    path, out = tmp_path / "m.safetensors", tmp_path / "eval"
+    metadata = build_metadata(model, "fmnist-3-6", class_names=[f"c{i}" for i in range(10)],
+                              preprocess=FASHION_MNIST.to_dict(), training={"epochs": 3})  # fmt: skip
+    save_checkpoint(path, model, metadata)
+    assert "calibration" not in read_metadata(path)
+    assert cli_main(["eval", str(path), "--subset", "64", "--speed-images", "8", "--threads", "1",
+                     "--out-dir", str(out), "--write-calibration"]) == 0  # fmt: skip
+    capsys.readouterr()
+    swept = json.loads((out / "sweep.json").read_text())
+    stored = read_metadata(path)
+    calibration = stored.pop("calibration")
+    assert calibration["split"] == "test[:64]" and calibration["images"] == swept["images"] == 64
+    assert calibration["stage_accuracy"] == swept["stage_accuracy"]
+    keep = ("threshold", "accuracy", "exit_share", "expected_gmacs")
+    assert calibration["rows"] == [{k: row[k] for k in keep} for row in swept["rows"]]
+    assert [r["threshold"] for r in calibration["rows"]] == default_thresholds()
+    assert stored == json.loads(json.dumps({**metadata, "config": model.config.to_dict()}))
+    reloaded = load_checkpoint(path)
+    assert reloaded.metadata["calibration"] == calibration
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(reloaded.model.state_dict()[name], tensor), name
 
 
 def test_idx_reader_rejects_other_files(tmp_path):
