@@ -494,11 +494,11 @@ def _brief(row: dict) -> str:
 
 
 def add_calibrated_accuracy(result: dict, checkpoint: Path) -> None:
-    """Each threshold row's accuracy on the calibration split, from the checkpoint's profile."""
+    """Each threshold row's accuracy (percent) on the calibration split, from the checkpoint's profile."""
     from model.checkpoint import read_metadata
 
     rows = (read_metadata(checkpoint).get("calibration") or {}).get("rows", [])
-    by_threshold = {round(r["threshold"], 6): r["accuracy"] for r in rows}
+    by_threshold = {round(r["threshold"], 6): round(r["accuracy"] * 100, 4) for r in rows}
     for row in result["thresholds"] + result["batch_endpoint"]:
         row["calibrated_accuracy"] = by_threshold.get(round(row["threshold"], 6))
 
@@ -510,7 +510,7 @@ def elastic_threshold(checkpoint: Path) -> tuple[float, str]:
 
     calibration = read_metadata(checkpoint).get("calibration")
     if calibration:
-        target = calibration["stage_accuracy"][-1] - ACCURACY_TOLERANCE_PP
+        target = calibration["stage_accuracy"][-1] - ACCURACY_TOLERANCE_PP / 100  # the profile holds fractions
         t = threshold_within(calibration["rows"], target)
         if t is not None:
             return float(t), f"within {ACCURACY_TOLERANCE_PP} pp of the full model on {calibration['split']}"

@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from model.calibration import in_fractions
 from model.preprocess import IMAGENET_EVAL, Preprocess
 from model.thinkingvit import ThinkingViT, ThinkingViTConfig, get_config, recycle_proj_name
 
@@ -68,7 +69,10 @@ def read_metadata(path: str | Path) -> dict:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: cannot read safetensors header: {e}") from e
     raw = (header.get("__metadata__") or {}).get(METADATA_KEY)
-    return json.loads(raw) if raw else {}
+    metadata = json.loads(raw) if raw else {}
+    if metadata.get("calibration"):  # older files store percent; every reader gets fractions
+        metadata["calibration"] = in_fractions(metadata["calibration"])
+    return metadata
 
 
 def load_checkpoint(
