@@ -1,14 +1,8 @@
-"""The ThinkingViT model: config, presets, nested forward, checkpoints, compute accounting."""
-from model.thinkingvit import (
-    PRESETS,
-    StageOutput,
-    ThinkingViT,
-    ThinkingViTConfig,
-    confidence,
-    create_model,
-    exits_early,
-    get_config,
-)
+"""The ThinkingViT model: config, presets, nested forward, checkpoints, compute accounting.
+
+The names below load ``model.thinkingvit`` (and torch) on first use, so light modules of this
+package (``model.calibration``, ``model.train_settings``) import without torch.
+"""
 
 __all__ = [
     "PRESETS",
@@ -20,3 +14,11 @@ __all__ = [
     "exits_early",
     "get_config",
 ]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from model import thinkingvit
+
+        return getattr(thinkingvit, name)
+    raise AttributeError(f"module 'model' has no attribute {name!r}")

@@ -112,13 +112,22 @@ def load_checkpoint(
 def _read_v1(path: Path) -> dict[str, torch.Tensor]:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors of every kind, including forbidden globals
-        raise CheckpointError(f"{path}: cannot read as a weights-only PyTorch checkpoint: {e}") from e
+    except Exception as e:  # PyTorch's own text advises loading unsafely: it is not passed on
+        raise CheckpointError(_pickle_problem(path, e)) from None
     if isinstance(blob, dict) and ("state_dict_ema" in blob or "state_dict" in blob):
         blob = blob.get("state_dict_ema") or blob["state_dict"]
     if not isinstance(blob, dict) or not all(isinstance(v, torch.Tensor) for v in blob.values()):
         raise CheckpointError(f"{path}: no state_dict of tensors inside")
     return {k.removeprefix("module."): v for k, v in blob.items()}
+
+
+def _pickle_problem(path: Path, error: Exception) -> str:
+    """One line on why ``torch.load(weights_only=True)`` failed."""
+    if "Weights only load failed" not in str(error):
+        return f"{path}: not a checkpoint (neither safetensors nor a PyTorch weights file)"
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    holds = found.group(1) if found else "Python objects other than tensors"
+    return f"{path}: refused: the pickle holds {holds}; checkpoints are read weights-only, never run"
 
 
 def _block_count(state: dict) -> int:
