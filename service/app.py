@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException
 
 from model.checkpoint import load_checkpoint
 from service.deps import Runtime, require_token
+from service.docs_assets import mount_offline_docs
 from service.engine import Engine, Hooks
 from service.errors import ServiceError, invalid
 from service.images import pillow_pixel_limit
@@ -41,7 +42,10 @@ def create_app(settings: Settings, hooks: Hooks | None = None) -> FastAPI:
         title="ThinkingViT serve",
         summary="Image classification with stage-aware early exit",
         lifespan=lambda app: lifespan(app, settings, hooks),
+        docs_url=None,  # mount_offline_docs serves /docs and /redoc without a CDN
+        redoc_url=None,
     )
+    mount_offline_docs(app)
     app.state.metrics = ServiceMetrics()
     # With a token set, the classify routes require it (and the OpenAPI schema says so);
     # the model, health and metrics routes stay open for probes and scrapers.
