@@ -7,7 +7,7 @@ root, no capabilities): one with the image's own default model, one with a check
 are classified through them; the exits are read back through Prometheus' HTTP API, and every query
 of the Grafana dashboard is run against it. Everything listens on 127.0.0.1 only.
 
-Needs podman, runc, debootstrap and prometheus (scripts/install puts them in place): without them
+Needs podman, runc, debootstrap and prometheus (scripts/install test puts them in place): without them
 these tests fail; they never skip.
 """
 
@@ -102,7 +102,7 @@ def poll(condition, deadline_s: float, what: str):
 def image(timings) -> str:
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
-        pytest.fail(f"{', '.join(missing)} not installed: run scripts/install (the container tests need them)")
+        pytest.fail(f"{', '.join(missing)} not installed: run scripts/install test (the container tests need them)")
     started = time.monotonic()
     build = [str(DOCKER / "podman-build-cpu.sh"), IMAGE]
     out = subprocess.run(build, capture_output=True, text=True, timeout=1200, check=False)
