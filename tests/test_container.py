@@ -21,6 +21,7 @@ import socket
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,16 +100,28 @@ def poll(condition, deadline_s: float, what: str):
 
 
 @pytest.fixture(scope="module")
-def image(timings) -> str:
+def image(timings) -> Iterator[str]:
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
         pytest.fail(f"{', '.join(missing)} not installed: run scripts/install test (the container tests need them)")
     started = time.monotonic()
     build = [str(DOCKER / "podman-build-cpu.sh"), IMAGE]
-    out = subprocess.run(build, capture_output=True, text=True, timeout=1200, check=False)
-    timings.add("image build", started)
-    assert out.returncode == 0, f"image build failed:\n{out.stdout[-6000:]}\n{out.stderr[-3000:]}"
-    return IMAGE
+    try:
+        out = subprocess.run(build, capture_output=True, text=True, timeout=1200, check=False)
+        timings.add("image build", started)
+        assert out.returncode == 0, f"image build failed:\n{out.stdout[-6000:]}\n{out.stderr[-3000:]}"
+        yield IMAGE
+    finally:
+        remove_image(IMAGE)
+
+
+def remove_image(image: str) -> None:
+    """The test image (1.2 GB) is rebuilt by every run, so it is no cache: removed afterwards, with
+    the build's intermediate layers, unless THINKINGVIT_KEEP_TEST_IMAGE=1. The debootstrap base
+    image (docker/build-base.sh) stays: that one is a deliberate cache (docs/deployment.md)."""
+    if os.environ.get("THINKINGVIT_KEEP_TEST_IMAGE") == "1":
+        return
+    run("podman", "rmi", "--force", image, check=False, timeout=300)
 
 
 @pytest.fixture(scope="module")
