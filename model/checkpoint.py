@@ -123,11 +123,10 @@ def _read_v1(path: Path) -> dict[str, torch.Tensor]:
 
 def _pickle_problem(path: Path, error: Exception) -> str:
     """One line on why ``torch.load(weights_only=True)`` failed."""
-    if "Weights only load failed" not in str(error):
-        return f"{path}: not a checkpoint (neither safetensors nor a PyTorch weights file)"
     found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-    holds = found.group(1) if found else "Python objects other than tensors"
-    return f"{path}: refused: the pickle holds {holds}; checkpoints are read weights-only, never run"
+    if not found:
+        return f"{path}: not a checkpoint (neither safetensors nor a PyTorch weights file)"
+    return f"{path}: refused: the pickle holds {found.group(1)}; checkpoints are read weights-only, never run"
 
 
 def _block_count(state: dict) -> int:
