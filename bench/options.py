@@ -15,6 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-litserve", action="store_true", help="leave LitServe out")
     p.add_argument("--machine", help="name in the result files (default: cpu-<N>core or the GPU's name)")
     p.add_argument("--out", type=Path, help="results folder (default: bench/results; --smoke: a temporary one)")
+    p.add_argument("--keep-logs", action="store_true",
+                   help="keep the temporary folder of server logs after a successful run (a failed run always keeps it)")
     p.add_argument("--concurrency", type=int, help="closed-loop clients of the per-threshold runs")
     p.add_argument("--measure-s", type=float, help="seconds measured per threshold run")
     p.add_argument("--serve-args", default="",

@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,10 +61,10 @@ class RunningServer:
                 self.process.wait()
 
 
-def start(spec: SystemSpec, log_dir: Path | None = None) -> RunningServer:
-    """Start ``spec`` and return once its readiness route answers 200 (or raise, with its log)."""
+def start(spec: SystemSpec, log_dir: Path) -> RunningServer:
+    """Start ``spec`` and return once its readiness route answers 200 (or raise, with its log);
+    its log goes to ``log_dir`` (the run's temporary folder, see bench.serving.run)."""
     port = free_port()
-    log_dir = log_dir or Path(tempfile.mkdtemp(prefix="thinkingvit-bench-"))
     log_path = log_dir / f"{spec.name}.log"
     started = time.perf_counter()
     with log_path.open("w") as log:

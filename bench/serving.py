@@ -22,6 +22,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -494,11 +495,11 @@ def _brief(row: dict) -> str:
 
 
 def add_calibrated_accuracy(result: dict, checkpoint: Path) -> None:
-    """Each threshold row's accuracy on the calibration split, from the checkpoint's profile."""
+    """Each threshold row's accuracy (percent) on the calibration split, from the checkpoint's profile."""
     from model.checkpoint import read_metadata
 
     rows = (read_metadata(checkpoint).get("calibration") or {}).get("rows", [])
-    by_threshold = {round(r["threshold"], 6): r["accuracy"] for r in rows}
+    by_threshold = {round(r["threshold"], 6): round(r["accuracy"] * 100, 4) for r in rows}
     for row in result["thresholds"] + result["batch_endpoint"]:
         row["calibrated_accuracy"] = by_threshold.get(round(row["threshold"], 6))
 
@@ -510,7 +511,7 @@ def elastic_threshold(checkpoint: Path) -> tuple[float, str]:
 
     calibration = read_metadata(checkpoint).get("calibration")
     if calibration:
-        target = calibration["stage_accuracy"][-1] - ACCURACY_TOLERANCE_PP
+        target = calibration["stage_accuracy"][-1] - ACCURACY_TOLERANCE_PP / 100  # the profile holds fractions
         t = threshold_within(calibration["rows"], target)
         if t is not None:
             return float(t), f"within {ACCURACY_TOLERANCE_PP} pp of the full model on {calibration['split']}"
@@ -529,12 +530,26 @@ def main(argv=None) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
+    """The benchmark. Server logs and the random checkpoint go to a temporary folder, removed after
+    a successful run (kept after a failure, or with --keep-logs, and named in the log)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    tmp = Path(tempfile.mkdtemp(prefix="thinkingvit-bench-"))
+    out = args.out or (tmp if args.smoke else Path(__file__).parent / "results")
+    try:
+        result = measure(args, tmp, out)
+    except BaseException:
+        log.error("server logs kept in %s", tmp)
+        raise
+    if out != tmp and not args.keep_logs:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def measure(args: argparse.Namespace, tmp: Path, out: Path) -> dict:
     started = time.perf_counter()
     plan = SMOKE if args.smoke else FULL
     plan = replace(plan, **{k: v for k, v in (("concurrency", args.concurrency), ("measure_s", args.measure_s)) if v})
-    tmp = Path(tempfile.mkdtemp(prefix="thinkingvit-bench-"))
     checkpoint = resolve_checkpoint(args, tmp)
     pngs, labels, synthetic = load_images(args, plan, checkpoint)
     ctx = Context(args, plan, checkpoint, args.device, torch.get_num_threads(), pngs, labels, synthetic, tmp)
@@ -568,7 +583,7 @@ def run(args: argparse.Namespace) -> dict:
     }
     add_calibrated_accuracy(result, checkpoint)
     result["goals"] = report.goals(result)
-    paths = report.write(result, args.out or (tmp if args.smoke else Path(__file__).parent / "results"))
+    paths = report.write(result, out)
     log.info("wrote %s", ", ".join(map(str, paths)))
     print(report.headline(result))
     return result

@@ -16,7 +16,7 @@ import torch
 
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.compute import stage_gmacs
-from model.data import load_fashion_mnist
+from model.data import FASHION_MNIST_DOMAIN, load_fashion_mnist
 from model.evaluate import ACCURACY_TOLERANCE_PP, calibration_profile, sweep, write_outputs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     model, pre = loaded.model, loaded.preprocess
     result = sweep(model, load_fashion_mnist("test"), pre)
     write_outputs(result, args.docs / "model", title="fmnist-3-6: accuracy vs compute (Fashion-MNIST test)")
-    metadata = {**loaded.metadata, "calibration": calibration_profile(result, "fashion-mnist test (10,000)")}
+    metadata = {**loaded.metadata, "domain": FASHION_MNIST_DOMAIN,
+                "calibration": calibration_profile(result, "fashion-mnist test (10,000)")}
     save_checkpoint(args.output, model, metadata)
     subset = subset_figures(model, pre)
     card = model_card(metadata, result, subset, stage_gmacs(model.config), args.output.stat().st_size)

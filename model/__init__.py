@@ -1,10 +1,11 @@
 """The ThinkingViT model: config, presets, nested forward, checkpoints, compute accounting.
 
-The names below load ``model.thinkingvit`` (and torch) on first use, not at import: the API server
-processes import ``model.preprocess`` and ``model.exit_rule`` and never need torch's model code.
+The names below load ``model.thinkingvit`` (and torch) on first use, so light modules of this
+package (``model.calibration``, ``model.train_settings``, ``model.exit_rule``, ``model.preprocess``)
+import without torch: the API server processes never need the model code.
 """
 
-_EXPORTS = (
+__all__ = [
     "PRESETS",
     "StageOutput",
     "ThinkingViT",
@@ -13,12 +14,11 @@ _EXPORTS = (
     "create_model",
     "exits_early",
     "get_config",
-)
-__all__ = list(_EXPORTS)
+]
 
 
 def __getattr__(name: str):
-    if name in _EXPORTS:
+    if name in __all__:
         from model import thinkingvit
 
         return getattr(thinkingvit, name)

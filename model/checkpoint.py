@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from model.calibration import in_fractions
 from model.preprocess import IMAGENET_EVAL, Preprocess
 from model.thinkingvit import ThinkingViT, ThinkingViTConfig, get_config, recycle_proj_name
 
@@ -75,7 +76,10 @@ def read_metadata(path: str | Path) -> dict:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: cannot read safetensors header: {e}") from e
     raw = (header.get("__metadata__") or {}).get(METADATA_KEY)
-    return json.loads(raw) if raw else {}
+    metadata = json.loads(raw) if raw else {}
+    if metadata.get("calibration"):  # older files store percent; every reader gets fractions
+        metadata["calibration"] = in_fractions(metadata["calibration"])
+    return metadata
 
 
 def load_checkpoint(
@@ -115,13 +119,21 @@ def load_checkpoint(
 def _read_v1(path: Path) -> dict[str, torch.Tensor]:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors of every kind, including forbidden globals
-        raise CheckpointError(f"{path}: cannot read as a weights-only PyTorch checkpoint: {e}") from e
+    except Exception as e:  # PyTorch's own text advises loading unsafely: it is not passed on
+        raise CheckpointError(_pickle_problem(path, e)) from None
     if isinstance(blob, dict) and ("state_dict_ema" in blob or "state_dict" in blob):
         blob = blob.get("state_dict_ema") or blob["state_dict"]
     if not isinstance(blob, dict) or not all(isinstance(v, torch.Tensor) for v in blob.values()):
         raise CheckpointError(f"{path}: no state_dict of tensors inside")
     return {k.removeprefix("module."): v for k, v in blob.items()}
+
+
+def _pickle_problem(path: Path, error: Exception) -> str:
+    """One line on why ``torch.load(weights_only=True)`` failed."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    if not found:
+        return f"{path}: not a checkpoint (neither safetensors nor a PyTorch weights file)"
+    return f"{path}: refused: the pickle holds {found.group(1)}; checkpoints are read weights-only, never run"
 
 
 def _block_count(state: dict) -> int:

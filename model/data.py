@@ -15,6 +15,11 @@ FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]
+FASHION_MNIST_DOMAIN = (
+    "Fashion-MNIST: 28x28 grayscale images of single clothing items and shoes, 10 classes. Any other "
+    "image (a portrait, a cat) still gets one of these labels, often confidently: the early-exit "
+    "confidence is not an out-of-distribution detector"
+)  # the checkpoint metadata's "domain", which GET /v1/model shows
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from model.calibration import cheapest_row, percent_to_fraction
 from model.compute import cumulative_gmacs
 from model.data import ImageDataset
 from model.inference import adaptive_inference
@@ -93,17 +94,19 @@ def sweep(
 
 
 def threshold_within(rows: list[dict], target_accuracy: float) -> float | None:
-    """The cheapest threshold whose accuracy reaches ``target_accuracy``."""
-    ok = [r for r in rows if r["accuracy"] >= target_accuracy]
-    return min(ok, key=lambda r: (r["expected_gmacs"], r["threshold"]))["threshold"] if ok else None
+    """The cheapest threshold whose accuracy reaches ``target_accuracy`` (model.calibration's rule)."""
+    row = cheapest_row(rows, target_accuracy)
+    return None if row is None else row["threshold"]
 
 
 def calibration_profile(result: dict, split: str) -> dict:
-    """The part of a sweep stored in checkpoint metadata for the server."""
-    keep = ("threshold", "accuracy", "exit_share", "expected_gmacs")
+    """The part of a sweep stored in checkpoint metadata for the server, accuracies as fractions
+    (the sweep report says percent; the profile and the API use fractions, see model.calibration)."""
+    keep = ("threshold", "exit_share", "expected_gmacs")
     return {
-        "split": split, "images": result["images"], "stage_accuracy": result["stage_accuracy"],
-        "rows": [{k: r[k] for k in keep} for r in result["rows"]],
+        "split": split, "images": result["images"],
+        "stage_accuracy": [percent_to_fraction(a) for a in result["stage_accuracy"]],
+        "rows": [{**{k: r[k] for k in keep}, "accuracy": percent_to_fraction(r["accuracy"])} for r in result["rows"]],
     }
 
 

@@ -13,7 +13,7 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -26,25 +26,7 @@ from model.checkpoint import build_metadata, save_checkpoint
 from model.data import ImageDataset
 from model.preprocess import Preprocess
 from model.thinkingvit import ThinkingViT, create_model
-
-
-@dataclass
-class TrainSettings:
-    preset: str = "fmnist-3-6"
-    epochs: int = 22  # 3.6-4.3 min each on a 2-core AMD EPYC with 2 workers: 84 min; see docs/training-notes.md
-    batch_size: int = 64  # more updates per epoch: the budget is passes over the data, not capacity
-    lr: float = 1.5e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.0  # 0.1 caps confidence near 0.78 on 10 classes: thresholds lose meaning
-    pad_crop: int = 0  # random crop after padding by this many pixels; 0: the model underfits at this budget
-    hflip: bool = True
-    erase_prob: float = 0.0
-    seed: int = 0
-    threads: int = 0  # in all; 0 = torch's default
-    workers: int = 2  # data-parallel CPU processes; 1 = a single process (always on a GPU)
-    freeze_alpha: bool = False  # ablation: no token recycling (alpha fixed at 0)
-    eval_every: int = 5  # test accuracy every N epochs (and after the last)
+from model.train_settings import TrainSettings
 
 
 def normalise(images_u8: torch.Tensor, pre: Preprocess) -> torch.Tensor:

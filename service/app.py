@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from service.deps import ApiState, require_token
+from service.docs_assets import mount_offline_docs
 from service.engine_client import EngineClient
 from service.errors import ServiceError, invalid
 from service.images import pillow_pixel_limit
@@ -37,7 +38,10 @@ def create_app(settings: Settings, model: ServedModel, device: str, engine_addre
         title="ThinkingViT serve",
         summary="Image classification with stage-aware early exit",
         lifespan=lambda app: lifespan(app, engine_address, published),
+        docs_url=None,  # mount_offline_docs serves /docs and /redoc without a CDN
+        redoc_url=None,
     )
+    mount_offline_docs(app)
     app.state.api = ApiState(settings, model, device)
     # With a token set, the classify routes require it (and the OpenAPI schema says so);
     # the model, health and metrics routes stay open for probes and scrapers.

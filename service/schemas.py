@@ -65,6 +65,10 @@ class StageInfo(BaseModel):
 class ModelInfo(BaseModel):
     checkpoint: str = Field(description="file name of the served checkpoint")
     preset: str | None
+    domain: str = Field(
+        description="what images the model was trained on; others still get one of its labels "
+        "(the exit confidence is not an out-of-distribution detector)"
+    )
     stages: list[StageInfo]
     num_classes: int
     class_names: list[str]
@@ -72,7 +76,9 @@ class ModelInfo(BaseModel):
     in_chans: int
     config: dict = Field(description="the model config, as stored in the checkpoint")
     preprocess: dict = Field(description="resize, crop and normalisation applied to uploads")
-    calibration: dict | None = Field(description="the checkpoint's threshold sweep, if any")
+    calibration: dict | None = Field(
+        description="the checkpoint's threshold sweep, if any; accuracies are fractions in [0, 1]"
+    )
     default_threshold: float
     device: str
     autocast: str

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from model.calibration import cheapest_row
 from model.checkpoint import LoadedCheckpoint
 from model.compute import cumulative_gmacs, stage_gmacs
 from model.preprocess import Preprocess
 from model.thinkingvit import ThinkingViTConfig
 
 
+UNKNOWN_DOMAIN = (
+    "not stated in the checkpoint: check what it was trained on. Any image gets one of its labels; "
+    "the early-exit confidence is not an out-of-distribution detector"
+)
+
+
 @dataclass(frozen=True)
 class ServedModel:
     checkpoint: str  # file name
     preset: str | None
+    domain: str  # what images the model knows, from the checkpoint metadata
     config: ThinkingViTConfig
     class_names: tuple[str, ...]
     preprocess: Preprocess
@@ -27,6 +35,7 @@ class ServedModel:
         return cls(
             checkpoint=name,
             preset=loaded.metadata.get("preset"),
+            domain=loaded.metadata.get("domain") or UNKNOWN_DOMAIN,
             config=cfg,
             class_names=tuple(loaded.class_names),
             preprocess=loaded.preprocess,
@@ -49,6 +58,7 @@ class ServedModel:
         return {
             "checkpoint": self.checkpoint,
             "preset": self.preset,
+            "domain": self.domain,
             "stages": stages,
             "num_classes": cfg.num_classes,
             "class_names": list(self.class_names),
@@ -61,10 +71,6 @@ class ServedModel:
 
 
 def cheapest_threshold(calibration: dict | None, target_accuracy: float) -> dict | None:
-    """The calibration row with the least expected compute whose accuracy reaches the target.
-
-    None when there is no calibration or no threshold reaches the target.
-    """
-    rows = (calibration or {}).get("rows", [])
-    good = [r for r in rows if r["accuracy"] >= target_accuracy]
-    return min(good, key=lambda r: (r["expected_gmacs"], -r["accuracy"]), default=None)
+    """The calibration row with the least expected compute whose accuracy (a fraction) reaches the
+    target; None when there is no calibration or no threshold reaches the target."""
+    return cheapest_row((calibration or {}).get("rows", []), target_accuracy)

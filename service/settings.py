@@ -84,11 +84,13 @@ class Settings(BaseSettings):
     @field_validator("checkpoint")
     @classmethod
     def _checkpoint_exists(cls, path: Path) -> Path:
-        if not path.is_file():
+        if path == DEFAULT_CHECKPOINT and not path.is_file():
             raise ValueError(
-                f"checkpoint {path} not found; pass --checkpoint PATH "
-                "(or set THINKINGVIT_CHECKPOINT) to serve another model"
+                f"the shipped model {path} is missing from this install; "
+                "serve another with --checkpoint PATH (or THINKINGVIT_CHECKPOINT)"
             )
+        if not path.is_file():
+            raise ValueError(f"checkpoint {path}: no such file")
         return path
 
     @field_validator("api_token")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,12 +24,14 @@ STAGES = 2
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> tuple[dict, Path]:
     """``python -m bench --smoke`` in its own process: tiny random model, our server and the peers."""
-    out = tmp_path_factory.mktemp("bench")
+    out, tmp = tmp_path_factory.mktemp("bench"), tmp_path_factory.mktemp("tmpdir")
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--smoke", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=SMOKE_LIMIT_S, check=False,
+        env={**os.environ, "TMPDIR": str(tmp)},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert not list(tmp.glob("thinkingvit-bench-*")), "the run left its server-log folder behind"
     (json_path,) = out.glob("*-smoke.json")
     return json.loads(json_path.read_text()), out
 

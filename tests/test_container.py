@@ -7,7 +7,7 @@ root, no capabilities): one with the image's own default model, one with a check
 are classified through them; the exits are read back through Prometheus' HTTP API, and every query
 of the Grafana dashboard is run against it. Everything listens on 127.0.0.1 only.
 
-Needs podman, runc, debootstrap and prometheus (scripts/install puts them in place): without them
+Needs podman, runc, debootstrap and prometheus (scripts/install test puts them in place): without them
 these tests fail; they never skip.
 """
 
@@ -21,6 +21,7 @@ import socket
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,16 +100,28 @@ def poll(condition, deadline_s: float, what: str):
 
 
 @pytest.fixture(scope="module")
-def image(timings) -> str:
+def image(timings) -> Iterator[str]:
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
-        pytest.fail(f"{', '.join(missing)} not installed: run scripts/install (the container tests need them)")
+        pytest.fail(f"{', '.join(missing)} not installed: run scripts/install test (the container tests need them)")
     started = time.monotonic()
     build = [str(DOCKER / "podman-build-cpu.sh"), IMAGE]
-    out = subprocess.run(build, capture_output=True, text=True, timeout=1200, check=False)
-    timings.add("image build", started)
-    assert out.returncode == 0, f"image build failed:\n{out.stdout[-6000:]}\n{out.stderr[-3000:]}"
-    return IMAGE
+    try:
+        out = subprocess.run(build, capture_output=True, text=True, timeout=1200, check=False)
+        timings.add("image build", started)
+        assert out.returncode == 0, f"image build failed:\n{out.stdout[-6000:]}\n{out.stderr[-3000:]}"
+        yield IMAGE
+    finally:
+        remove_image(IMAGE)
+
+
+def remove_image(image: str) -> None:
+    """The test image (1.2 GB) is rebuilt by every run, so it is no cache: removed afterwards, with
+    the build's intermediate layers, unless THINKINGVIT_KEEP_TEST_IMAGE=1. The debootstrap base
+    image (docker/build-base.sh) stays: that one is a deliberate cache (docs/deployment.md)."""
+    if os.environ.get("THINKINGVIT_KEEP_TEST_IMAGE") == "1":
+        return
+    run("podman", "rmi", "--force", image, check=False, timeout=300)
 
 
 @pytest.fixture(scope="module")
