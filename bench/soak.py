@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import io
 import json
 import random
@@ -262,21 +263,15 @@ def rss_mb(pid: int | str = "self") -> float:
 
 # ---------------------------------------------------------------------------------- manual run
 
-SERVER = """
-import sys, time
-from service.app import create_app, run_server
-from service.engine import Hooks
-from service.settings import Settings
+def slow_device_hooks():
+    """``engine_hooks`` for the manual soak: every stage batch first sleeps BASE + PER_IMAGE ms
+    (``THINKINGVIT_SOAK_DEVICE_MS="base,per_image"``), simulated accelerator time."""
+    import time
 
-base_ms, per_image_ms = float(sys.argv[1]), float(sys.argv[2])
+    from service.engine_core import EngineHooks
 
-def slow_device(stage, request_ids):  # simulated accelerator time; the GIL is free meanwhile
-    time.sleep((base_ms + per_image_ms * len(request_ids)) / 1000)
-
-settings = Settings()  # THINKINGVIT_* from the environment
-hooks = Hooks(before_batch=slow_device) if base_ms or per_image_ms else None
-run_server(settings, create_app(settings, hooks))
-"""
+    base_ms, per_image_ms = map(float, os.environ["THINKINGVIT_SOAK_DEVICE_MS"].split(","))
+    return EngineHooks(before_batch=lambda stage, ids: time.sleep((base_ms + per_image_ms * len(ids)) / 1000))
 
 
 def test_images(n: int = 32) -> list[bytes]:
@@ -292,8 +287,6 @@ def test_images(n: int = 32) -> list[bytes]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--duration", type=float, default=120.0)
     p.add_argument("--load-factor", type=float, default=3.0)
@@ -308,7 +301,10 @@ def main(argv: list[str] | None = None) -> int:
         "THINKINGVIT_PORT": str(args.port), "THINKINGVIT_MAX_QUEUE_SIZE": str(args.max_queue_size),
         "THINKINGVIT_MAX_BATCH_SIZE": f"[{args.max_batch_size}]", "THINKINGVIT_LOG_LEVEL": "warning",
     } | ({"THINKINGVIT_CHECKPOINT": args.checkpoint} if args.checkpoint else {})  # fmt: skip
-    server = subprocess.Popen([sys.executable, "-c", SERVER, *map(str, args.simulate_device_ms)], env=env)
+    if any(args.simulate_device_ms):
+        env |= {"THINKINGVIT_ENGINE_HOOKS": "bench.soak:slow_device_hooks",
+                "THINKINGVIT_SOAK_DEVICE_MS": ",".join(map(str, args.simulate_device_ms))}  # fmt: skip
+    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env)
     url = f"http://127.0.0.1:{args.port}"
     try:
         wait_ready(url, server)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 
 import zmq
@@ -72,6 +73,8 @@ class _EngineSide:
             if action == "hold":
                 self._events.send_pyobj(("held", stage, ids))
                 assert self._released.wait(TIMEOUT_S), "the test never released the engine"
+            elif action == "delay":  # simulated device time: the engine sleeps as if a GPU ran
+                time.sleep((rule["base_ms"] + rule["per_image_ms"] * len(ids)) / 1000)
             elif action == "raise":
                 raise RuntimeError(rule.get("message", "injected fault"))
             elif action == "oom":
@@ -155,7 +158,7 @@ class EngineProbe:
         self._command("release")
 
     def add_rule(self, **rule) -> None:
-        """``action``: hold / raise / oom; matched by ``stage``, ``ids_any``, ``ids_equal``,
+        """``action``: hold / raise / oom / delay (``base_ms`` + ``per_image_ms``); matched by ``stage``, ``ids_any``, ``ids_equal``,
         ``min_size``; ``once`` removes it after its first match."""
         self._command("rule", rule)
 

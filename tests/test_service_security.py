@@ -115,6 +115,8 @@ def test_only_allowed_image_formats_are_decoded(start_server):
 def test_no_path_from_a_request_reaches_the_filesystem(start_server, test_images, tmp_path):
     """File names are echoed as data, never used as paths; nothing appears where they point."""
     server = start_server()
+    tmp_path = tmp_path / "sandbox"  # the server's log lives beside it
+    tmp_path.mkdir()
     target = tmp_path / "written-by-a-request"
     names = [str(target), f"../../../../..{target}", "/etc/passwd", "C:\\Windows\\win.ini", "a\0b.png"]
     files = [("files", (name, test_images[0], "image/png")) for name in names]
@@ -153,5 +155,6 @@ def test_a_checkpoint_that_would_run_code_is_refused_at_startup(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert serve.returncode == 3, serve.stderr[-3000:]
-    assert "weights-only" in serve.stderr and "Application startup failed" in serve.stderr
+    assert "the engine core could not start" in serve.stderr
+    assert "not a checkpoint" in serve.stderr or "refused" in serve.stderr
     assert not marker.exists()

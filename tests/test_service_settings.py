@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from model.thinkingvit import create_model
 from service.cli import build_parser, main, serve_settings
 from service.settings import Settings
-from service.worker import Worker
+from service.runner import StageRunner
 
 
 def test_environment_variables_are_read(monkeypatch, tiny_checkpoint):
@@ -53,13 +53,34 @@ def test_per_stage_values(tiny_checkpoint):
         settings.per_stage("max_wait_ms", 3)
 
 
-def test_missing_checkpoint_says_to_pass_one(tmp_path, capsys):
-    with pytest.raises(ValidationError, match="--checkpoint"):
-        Settings(checkpoint=tmp_path / "absent.safetensors")
-    assert main(["serve", "--checkpoint", str(tmp_path / "absent.safetensors")]) == 2
-    assert "pass --checkpoint PATH" in capsys.readouterr().err
+def test_missing_checkpoint_names_it(tmp_path, capsys):
+    missing = tmp_path / "absent.safetensors"
+    with pytest.raises(ValidationError, match="no such file"):
+        Settings(checkpoint=missing)
+    assert main(["serve", "--checkpoint", str(missing)]) == 2
+    assert "pass --checkpoint" not in capsys.readouterr().err
+
+
+def test_process_plan():
+    """auto: one API server per four cores on a CPU, the engine the rest, pinned apart."""
+    from service.processes import plan_cpus
+
+    plan = plan_cpus(None, None, pin=True, gpu=False)
+    cores = len(__import__("os").sched_getaffinity(0))
+    assert plan.api_servers == max(1, cores // 4)
+    if cores > 1:
+        assert plan.api_cpus.isdisjoint(plan.engine_cpus)
+        assert plan.engine_threads == len(plan.engine_cpus)
+    assert plan_cpus(3, 2, pin=False, gpu=False) == plan_cpus(3, 2, pin=False, gpu=True)
+
+
+def test_api_servers_and_engine_threads_take_auto_or_a_count(tiny_checkpoint):
+    assert Settings(checkpoint=tiny_checkpoint, api_servers="auto").auto_or("api_servers") is None
+    assert Settings(checkpoint=tiny_checkpoint, engine_threads=3).auto_or("engine_threads") == 3
+    with pytest.raises(ValidationError):
+        Settings(checkpoint=tiny_checkpoint, api_servers=0)
 
 
 def test_autocast_needs_cuda():
     with pytest.raises(ValueError, match="needs a CUDA device"):
-        Worker(create_model("tiny-test"), torch.device("cpu"), autocast="bfloat16")
+        StageRunner(create_model("tiny-test"), torch.device("cpu"), autocast="bfloat16")
