@@ -20,4 +20,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, help="closed-loop clients of the per-threshold runs")
     p.add_argument("--measure-s", type=float, help="seconds measured per threshold run")
     p.add_argument("--serve-args", default="",
-                   help="extra flags for our server, e.g. '--decode-threads 8 --max-batch-size 128' (recorded)")
+                   help="extra flags for our server, e.g. '--api-servers 8 --max-batch-size 128' (recorded)")

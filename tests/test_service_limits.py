@@ -151,14 +151,7 @@ def test_client_disconnect_cancels_the_request(start_server, probe, test_images,
     probe.pause()
     first = background.submit(post_image, server.url, test_images[0])
     probe.wait_admitted(1)
-    body = test_images[1]
-    port = int(server.url.rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port)) as client:
-        head = (
-            "POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        )
-        client.sendall(head.encode() + body)
+    with raw_upload(server.url, test_images[1]):
         probe.wait_admitted(2)
     probe.wait_aborted(1)  # the abort crossed from the API server into the engine process
     probe.resume()
@@ -171,17 +164,23 @@ def test_client_disconnect_cancels_the_request(start_server, probe, test_images,
 
 def test_a_client_that_hangs_up_while_sending_its_body_is_never_admitted(start_server, probe, test_images):
     server = start_server(probe, max_batch_size=[1], max_wait_ms=[0.0])
-    body = test_images[1]
-    port = int(server.url.rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port)) as client:
-        head = (
-            "POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        )
-        client.sendall(head.encode() + body[: len(body) // 2])
+    with raw_upload(server.url, test_images[1], send_fraction=0.5):
+        pass  # half the body sent, then the connection closes
     wait_for_metric(server.url, "thinkingvit_requests_total", 1, outcome="cancelled")
     assert post_image(server.url, test_images[2]).status_code == 200
     assert probe.admitted == [0], "only the complete request reached the engine"
+
+
+def raw_upload(url: str, body: bytes, send_fraction: float = 1.0) -> socket.socket:
+    """A raw-socket POST /classify that sends ``send_fraction`` of its body and never reads; closing
+    the returned socket is the client hanging up."""
+    client = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+    head = (
+        "POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    client.sendall(head.encode() + body[: int(len(body) * send_fraction)])
+    return client
 
 
 def wait_for_metric(url: str, name: str, value: float, **labels) -> None:
