@@ -61,7 +61,7 @@ def multipart_bodies(pngs: list[bytes], folder: Path) -> Path:
 
 def run_wrk(url: str, script: Path, seconds: float, connections: int) -> dict:
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+        ["wrk", "-t1", f"-c{connections}", f"-d{round(seconds)}s", "--latency", "-s", str(script), url],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
