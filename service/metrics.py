@@ -31,8 +31,8 @@ GMACS_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 20, 50)
 class ApiMetrics:
     """Recorded by each API server process: what the clients saw."""
 
-    def __init__(self):
-        r, ns = CollectorRegistry(), NAMESPACE  # a private registry: the files are what counts
+    def __init__(self, registry: CollectorRegistry | None = None):
+        r, ns = registry or CollectorRegistry(), NAMESPACE  # a private registry: the files are what counts
         self.requests = Counter(
             "requests", "Classifications (one per image) by outcome.", ["outcome"],
             namespace=ns, registry=r,
@@ -68,8 +68,8 @@ class ApiMetrics:
 class EngineMetrics:
     """Recorded by the engine core: batches, exits, queues and compute."""
 
-    def __init__(self, num_stages: int):
-        r, ns = CollectorRegistry(), NAMESPACE
+    def __init__(self, num_stages: int, registry: CollectorRegistry | None = None):
+        r, ns = registry or CollectorRegistry(), NAMESPACE
         self.exits = Counter(
             "exits", "Classifications answered at each stage (0 = first).", ["stage"],
             namespace=ns, registry=r,
@@ -115,6 +115,22 @@ class EngineMetrics:
             self.queue_depth.labels(stage).set(0)
             for cause in BATCH_FAILURE_CAUSES:
                 self.batch_failures.labels(stage, cause)
+
+
+class ServiceMetrics:
+    """Every metric of both kinds of process in one registry, as ``/metrics`` merges them: for the
+    tests and tools that check dashboards, alerts and manifests against the exported names."""
+
+    def __init__(self, num_stages: int = 2):
+        self.registry = CollectorRegistry()
+        self.api = ApiMetrics(self.registry)
+        self.engine = EngineMetrics(num_stages, self.registry)
+
+    def __getattr__(self, name: str):
+        return getattr(self.api, name) if hasattr(self.api, name) else getattr(self.engine, name)
+
+    def init_stages(self, num_stages: int) -> None:
+        """Stage series exist from the start (``EngineMetrics`` creates them)."""
 
 
 def exposition() -> bytes:

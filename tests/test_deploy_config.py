@@ -337,7 +337,7 @@ def test_k8s_deployment_requests_a_gpu_and_probes_the_served_routes(tiny_checkpo
     from service.app import create_app
     from service.settings import Settings
 
-    paths = set(create_app(Settings(checkpoint=tiny_checkpoint)).openapi()["paths"])
+    paths = set(create_app(Settings(checkpoint=tiny_checkpoint), None, "cpu", "ipc://unused").openapi()["paths"])
     pod = k8s_object("Deployment")["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1

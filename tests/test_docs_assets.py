@@ -24,7 +24,8 @@ def get_all(app, paths: list[str]) -> list[httpx.Response]:
 
 @pytest.fixture(scope="module")
 def app(tiny_checkpoint):
-    return create_app(Settings(checkpoint=tiny_checkpoint))
+    # the routes under test need no engine: the lifespan, which connects to it, does not run here
+    return create_app(Settings(checkpoint=tiny_checkpoint), model=None, device="cpu", engine_address="ipc://unused")
 
 
 @pytest.mark.parametrize("page", ["/docs", "/redoc"])
