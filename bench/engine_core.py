@@ -18,8 +18,11 @@ floor's CPU per request.
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,7 +30,17 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
+import torch
+from PIL import Image
+
+from bench.limit import StageTimer, analytic_limit, scrape
 from bench.servers import SystemSpec, python_command, start
+from bench.serving import elastic_threshold, png
+from model.checkpoint import load_checkpoint
+from model.data import load_fashion_mnist
+from model.preprocess import preprocess_image
+from service.settings import DEFAULT_CHECKPOINT
 
 BOUNDARY = "thinkingvitbenchboundary"
 LUA = """
@@ -46,11 +59,11 @@ end
 def multipart_bodies(pngs: list[bytes], folder: Path) -> Path:
     """One file per request body, and the list wrk's script reads them from."""
     paths = []
-    for i, png in enumerate(pngs):
+    for i, data in enumerate(pngs):
         path = folder / f"body-{i}.bin"
         head = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="{i}.png"\r\n'
                 "Content-Type: image/png\r\n\r\n").encode()  # fmt: skip
-        path.write_bytes(head + png + f"\r\n--{BOUNDARY}--\r\n".encode())
+        path.write_bytes(head + data + f"\r\n--{BOUNDARY}--\r\n".encode())
         paths.append(str(path))
     listing = folder / "bodies.txt"
     listing.write_text("\n".join(paths) + "\n")
@@ -86,11 +99,8 @@ def measure(server, url: str, script: Path, seconds: float, connections: int) ->
     return result | {"busy_cores": busy, "cpu_ms_per_request": 1000 * busy / result["images_per_s"]}
 
 
-def exits(url: str) -> dict[str, float]:
-    import httpx
-
-    from bench.limit import scrape
-
+def server_counters(url: str) -> dict[str, float]:
+    """Batch sizes and exits from our server's /metrics, keyed 'name{stage}' without the namespace."""
     return {k.removeprefix("thinkingvit_"): v for k, v in scrape(httpx.get(f"{url}/metrics").text).items()}
 
 
@@ -102,19 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench/results")
     args = p.parse_args(argv)
 
-    import torch
-
-    from bench.limit import StageTimer, analytic_limit
-    from bench.serving import elastic_threshold, png
-    from model.checkpoint import load_checkpoint
-    from model.data import load_fashion_mnist
-    from model.preprocess import preprocess_image
-    from service.settings import DEFAULT_CHECKPOINT
-
     loaded = load_checkpoint(DEFAULT_CHECKPOINT)
     pngs = [png(im) for im in load_fashion_mnist("test").subset(args.images).images]
-    images = torch.stack([preprocess_image(__import__("PIL.Image").Image.open(__import__("io").BytesIO(b)),
-                                           loaded.preprocess) for b in pngs])  # fmt: skip
+    images = torch.stack([preprocess_image(Image.open(io.BytesIO(b)), loaded.preprocess) for b in pngs])
     elastic, _why = elastic_threshold(DEFAULT_CHECKPOINT)
     work = Path(tempfile.mkdtemp(prefix="thinkingvit-bench-"))
     script = multipart_bodies(pngs, work)
@@ -124,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     ours = start(SystemSpec("ours", python_command("-m", "service.cli", "serve", "--log-level", "warning"), "/readyz"), work)
     try:
         for threshold in (0.0, elastic, 1.0):
-            before = exits(ours.url)
+            before = server_counters(ours.url)
             row = measure(ours, f"{ours.url}/classify?threshold={threshold}", script, args.seconds, args.connections)
-            after = exits(ours.url)
+            after = server_counters(ours.url)
             delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
             row["mean_batch"] = [delta[f"batch_size_sum{{{s}}}"] / max(1, delta[f"batch_size_count{{{s}}}"]) for s in (0, 1)]
             row["sent_on"] = delta["exits_total{1}"] / max(1, delta["exits_total{0}"] + delta["exits_total{1}"])
@@ -173,11 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         "front_end_over_floor": front_ms / results["floor"]["cpu_ms_per_request"],
     }
     print("goals:", json.dumps(results["goals"], indent=2))
-    out = Path(args.out) / f"{datetime.now(UTC):%Y-%m-%d}-cpu-{len(__import__('os').sched_getaffinity(0))}core-engine-core.json"
+    out = Path(args.out) / f"{datetime.now(UTC):%Y-%m-%d}-cpu-{len(os.sched_getaffinity(0))}core-engine-core.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     print("wrote", out)
-    import shutil
-
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

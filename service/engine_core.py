@@ -21,9 +21,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import zmq
 
 from service.scheduler import QueueFull, SchedulePlan, Scheduler
-from service.transport import Abort, Answer, Failure, FailureKind, Outbound, Shutdown, Submit
+from service.transport import (
+    Abort,
+    Answer,
+    Failure,
+    FailureKind,
+    Outbound,
+    Shutdown,
+    Submit,
+    decode_inbound,
+    encode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +79,14 @@ class EngineCore:
         self._ids = itertools.count()
         self._outbox: list[tuple[ClientId, Outbound]] = []
         self.take_input: Callable[[], None] = lambda: None  # the process loop's non-blocking intake
+        self._image_bytes = 4 * int(np.prod(runner.image_shape))  # float32 (C, H, W)
 
     # ------------------------------------------------------------------ input
 
     def submit(self, client: ClientId, message: Submit, image: bytes) -> None:
         """Admit a request, or answer at once with why not (queue full, wrong image shape)."""
         shape = self.runner.image_shape
-        if len(image) != 4 * int(np.prod(shape)):
+        if len(image) != self._image_bytes:
             self._fail_now(client, message.request_id, FailureKind.BAD_INPUT,
                            f"image frame of {len(image)} bytes; the model takes float32 {shape}")  # fmt: skip
             return
@@ -220,7 +232,7 @@ class EngineCore:
         self.metrics.exits.labels(str(stage)).inc()
         self.metrics.request_gmacs.observe(gmacs)
         answer = Answer(request.client_request_id, stage, request.confidences,
-                        probabilities.astype(np.float32).tobytes(), request.queue_s, request.compute_s)  # fmt: skip
+                        probabilities.tobytes(), request.queue_s, request.compute_s)  # float32 row  # fmt: skip
         self._reply(request, answer)
 
     def _fail_now(self, client: ClientId, client_request_id: int, kind: FailureKind, message: str) -> None:
@@ -276,8 +288,6 @@ def serve_engine_core(settings, address: str, published, ready_conn, cpus, threa
     ``published`` is shared memory the API servers read before decoding: ``[0]`` the number of
     requests waiting in all queues, so overload is refused without spending a decode on it.
     """
-    import zmq
-
     from service import processes
 
     processes.become_child("engine-core", cpus)
@@ -303,10 +313,6 @@ def serve_engine_core(settings, address: str, published, ready_conn, cpus, threa
 
 
 def _loop(core: EngineCore, sock, published) -> None:
-    import zmq
-
-    from service.transport import encode
-
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     hooks = core.hooks
@@ -325,12 +331,11 @@ def _loop(core: EngineCore, sock, published) -> None:
         if intake.shutdown:
             break
         if hooks.paused is not None and hooks.paused():
-            published[0] = core.scheduler.num_waiting()
-            wait_s = None  # until input or a wake-up
-            continue
-        wait_s = core.step()
+            wait_s = None  # the engine takes input but runs nothing until a wake-up
+        else:
+            wait_s = core.step()
         published[0] = core.scheduler.num_waiting()
-        for client, message in core.take_outbox():
+        for client, message in core.take_outbox():  # refusals from the intake too, paused or not
             sock.send_multipart([client, encode(message)], copy=False)
     log.info("engine core: shutdown")
 
@@ -342,10 +347,6 @@ class _Intake:
         self.core, self.sock, self.shutdown = core, sock, False
 
     def __call__(self) -> None:
-        import zmq
-
-        from service.transport import decode_inbound
-
         while not self.shutdown:
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)

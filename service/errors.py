@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from service.transport import FailureKind
+
 
 class ServiceError(Exception):
     """A classification that cannot be answered.
@@ -54,8 +56,6 @@ def refused(status: int, reason: str, message: str, retry_after_s: int) -> Servi
 
 def from_engine(error, retry_after_s: int) -> ServiceError:
     """The status for an ``EngineError``: the engine says what happened, the edge what it means."""
-    from service.transport import FailureKind
-
     kind, message = error.kind, error.message
     if kind is FailureKind.QUEUE_FULL:
         return refused(429, "queue_full", message, retry_after_s)

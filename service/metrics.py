@@ -129,9 +129,6 @@ class ServiceMetrics:
     def __getattr__(self, name: str):
         return getattr(self.api, name) if hasattr(self.api, name) else getattr(self.engine, name)
 
-    def init_stages(self, num_stages: int) -> None:
-        """Stage series exist from the start (``EngineMetrics`` creates them)."""
-
 
 def exposition() -> bytes:
     """Every process's samples merged, from ``PROMETHEUS_MULTIPROC_DIR`` (read at each scrape)."""

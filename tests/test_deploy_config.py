@@ -39,8 +39,7 @@ def exported_series() -> dict[str, set[str]]:
     """Every sample name the service exposes (``_total``, ``_bucket``, ...) -> its label names."""
     from service.metrics import ServiceMetrics
 
-    metrics = ServiceMetrics()
-    metrics.init_stages(2)
+    metrics = ServiceMetrics(num_stages=2)
     series: dict[str, set[str]] = {"up": set()}
     for family in metrics.registry.collect():
         for sample in family.samples:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
+import socket
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import pytest
 
+from tests.conftest import REPO
 from tests.test_service_limits import post_image
 
 EXIT_ENGINE_DIED = 4
@@ -80,12 +82,6 @@ def test_a_killed_api_server_is_replaced_and_the_others_keep_serving(start_serve
 
 def test_startup_failure_exits_3(tiny_checkpoint, tmp_path):
     """A port that is taken: the launcher says so and exits 3."""
-    import socket
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
-
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
