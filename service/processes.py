@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import multiprocessing
 import os
 import signal
 from dataclasses import dataclass
@@ -64,7 +65,8 @@ def become_child(role: str, cpus: frozenset[int] | None = None) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     libc.prctl(PR_SET_NAME, ctypes.c_char_p(role.encode()[:15]))
-    if os.getppid() == 1:  # the launcher died before prctl took effect
+    launcher = multiprocessing.parent_process()
+    if launcher is not None and os.getppid() != launcher.pid:  # it died before prctl took effect
         os._exit(1)
     if cpus:
         os.sched_setaffinity(0, cpus)
