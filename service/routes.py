@@ -20,7 +20,7 @@ from service.images import ImageError, decode_image
 from service.metrics import exposition
 from service.schemas import BatchResponse, Classification, ErrorResponse, ModelInfo
 from service.served_model import ServedModel, cheapest_threshold
-from service.transport import Answer, FailureKind
+from service.transport import Answer
 from service.uploads import Upload, read_uploads
 
 T = TypeVar("T")
@@ -110,7 +110,7 @@ async def classify_batch(request: Request, params: ParamsDep) -> Response:
 
 
 async def batch_item(api: ApiState, index: int, upload: Upload, params: ClassifyParams) -> dict:
-    item = {"index": index, "filename": upload.filename}
+    item = {"index": index, "filename": upload.filename, "result": None, "error": None}  # BatchItem
     try:
         return item | {"result": await answer(api, upload, params)}
     except ServiceError as e:
@@ -145,8 +145,10 @@ def check_admission(api: ApiState, params: ClassifyParams) -> None:
     settings = api.settings
     if api.draining_since is not None and params.started > api.draining_since:
         raise refused(503, "draining", "the server is shutting down", settings.retry_after_s)
-    if not api.engine.engine_alive:
-        raise from_engine(EngineError(FailureKind.ENGINE_GONE, "the engine process is gone"), settings.retry_after_s)
+    try:
+        api.engine.check_alive()
+    except EngineError as e:
+        raise from_engine(e, settings.retry_after_s) from None
     if (waiting := api.engine.queue_depth()) >= settings.max_queue_size:
         raise refused(429, "queue_full", f"queue full: {waiting} requests waiting", settings.retry_after_s)
 

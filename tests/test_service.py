@@ -172,6 +172,7 @@ def test_batch_answers_each_image_independently(start_server, test_images):
     results = httpx.post(f"{server.url}/classify/batch", files=files).json()["results"]
     assert [r["index"] for r in results] == [0, 1, 2]
     assert results[0]["result"] and results[1]["result"]
+    assert results[0]["error"] is None and results[2]["result"] is None  # both keys, always
     assert results[2]["error"]["status"] == 422 and results[2]["filename"] == "bad.png"
 
 
