@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from bench.ship_default_model import accuracy_cells
 from model import create_model
+from model.calibration import percent_to_fraction
 from model.checkpoint import build_metadata, load_checkpoint, read_metadata, save_checkpoint
 from model.data import load_fashion_mnist, load_image_folder, read_idx
 from model.evaluate import calibration_profile, default_thresholds, sweep, threshold_within, write_outputs
@@ -151,7 +152,8 @@ def test_eval_compares_an_ablation_on_the_same_axes(tmp_path, capsys):
 
 def test_eval_write_calibration_round_trips_into_the_checkpoint(tmp_path, capsys):
     """``thinkingvit eval --write-calibration`` stores the sweep it wrote as the checkpoint's
-    calibration profile; the weights and every other metadata entry come back unchanged."""
+    calibration profile (accuracies as fractions, the sweep report's percent converted); the
+    weights and every other metadata entry come back unchanged."""
     torch.manual_seed(0)
     model = create_model("fmnist-3-6")
     with torch.no_grad():
@@ -168,9 +170,11 @@ def test_eval_write_calibration_round_trips_into_the_checkpoint(tmp_path, capsys
     stored = read_metadata(path)
     calibration = stored.pop("calibration")
     assert calibration["split"] == "test[:64]" and calibration["images"] == swept["images"] == 64
-    assert calibration["stage_accuracy"] == swept["stage_accuracy"]
-    keep = ("threshold", "accuracy", "exit_share", "expected_gmacs")
-    assert calibration["rows"] == [{k: row[k] for k in keep} for row in swept["rows"]]
+    assert calibration["stage_accuracy"] == [percent_to_fraction(a) for a in swept["stage_accuracy"]]
+    keep = ("threshold", "exit_share", "expected_gmacs")
+    assert calibration["rows"] == [
+        {**{k: row[k] for k in keep}, "accuracy": percent_to_fraction(row["accuracy"])} for row in swept["rows"]
+    ]
     assert [r["threshold"] for r in calibration["rows"]] == default_thresholds()
     assert stored == json.loads(json.dumps({**metadata, "config": model.config.to_dict()}))
     reloaded = load_checkpoint(path)
