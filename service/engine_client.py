@@ -26,6 +26,7 @@ from zmq.utils.monitor import parse_monitor_message
 from service.transport import Abort, Answer, Failure, FailureKind, Submit, decode_outbound, encode
 
 log = logging.getLogger(__name__)
+ENGINE_GONE = "the engine process is gone"
 
 
 class EngineError(Exception):
@@ -76,10 +77,14 @@ class EngineClient:
         """Requests this API server is waiting on."""
         return len(self._futures)
 
+    def check_alive(self) -> None:
+        """Raise ``ENGINE_GONE`` once the engine process has died."""
+        if not self.engine_alive:
+            raise EngineError(FailureKind.ENGINE_GONE, ENGINE_GONE)
+
     async def classify(self, image: np.ndarray, threshold: float, timeout_s: float) -> Answer:
         """Send one preprocessed image (C, H, W) float32 and await its answer; raises EngineError."""
-        if not self.engine_alive:
-            raise EngineError(FailureKind.ENGINE_GONE, "the engine process is gone")
+        self.check_alive()
         request_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._futures[request_id] = future
@@ -130,4 +135,4 @@ class EngineClient:
         futures, self._futures = self._futures, {}
         for future in futures.values():
             if not future.done():
-                future.set_exception(EngineError(FailureKind.ENGINE_GONE, "the engine process is gone"))
+                future.set_exception(EngineError(FailureKind.ENGINE_GONE, ENGINE_GONE))

@@ -150,8 +150,8 @@ class Launcher:
             if self._stop_requested:
                 log.info("draining: %d API servers finish the requests they hold", len(self.api_servers))
                 return self.stop()
-            sentinels = {p.sentinel: (slot, p) for slot, p in self.api_servers.items()}
-            multiprocessing.connection.wait([self.engine.sentinel, wake, *sentinels])
+            api_sentinels = [p.sentinel for p in self.api_servers.values()]
+            multiprocessing.connection.wait([self.engine.sentinel, wake, *api_sentinels])
             _drain(wake)
             if not self.engine.is_alive():
                 log.error("the engine core died (exit code %s): stopping", self.engine.exitcode)

@@ -3,58 +3,23 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
 from service.cli import main
-from tests.conftest import STARTUP_TIMEOUT_S, png_bytes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import launch_server, png_bytes
 
 
 @pytest.fixture(scope="module")
-def server_url(tiny_checkpoint) -> Iterator[str]:
-    """The real command, as a user starts it; only its stable flags are used."""
-    port = free_port()
-    command = [sys.executable, "-m", "service.cli", "serve", "--checkpoint", str(tiny_checkpoint),
-               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, process)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def wait_ready(url: str, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"thinkingvit serve exited with {process.returncode}: {process.stderr.read()}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    pytest.fail("thinkingvit serve was not ready in time")
+def server_url(tiny_checkpoint, tmp_path_factory) -> Iterator[str]:
+    """The real ``thinkingvit serve`` on a socket the test binds and hands over (conftest), so no
+    port can be taken meanwhile and readiness needs no polling."""
+    server = launch_server(log_dir=tmp_path_factory.mktemp("client"), checkpoint=tiny_checkpoint)
+    yield server.url
+    assert server.stop() == 0
 
 
 @pytest.fixture
@@ -98,7 +63,9 @@ def test_an_image_the_server_refuses(server_url, image_folder, capsys):
 
 
 def test_unreachable_server_is_one_line_and_exit_2(image_folder, capsys):
-    code = main(["classify", str(image_folder), "--url", f"http://127.0.0.1:{free_port()}"])
+    with socket.socket() as closed:  # bound but never listening: every connection is refused
+        closed.bind(("127.0.0.1", 0))
+        code = main(["classify", str(image_folder), "--url", f"http://127.0.0.1:{closed.getsockname()[1]}"])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith("thinkingvit classify: cannot reach the server at http://127.0.0.1:")

@@ -215,3 +215,33 @@ def test_no_carried_tokens_leak(start_server, probe, test_images):
     assert httpx.post(f"{server.url}/classify/batch", params={"threshold": 1}, files=files).status_code == 200
     assert {stage for stage, _ in probe.batches} == {0, 1}
     probe.wait_idle()
+
+
+# ---------------------------------------------------------------------------------- batch items
+
+
+def batch_post(url: str, images: list[bytes], **params) -> httpx.Response:
+    files = [("files", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)]
+    return httpx.post(f"{url}/classify/batch", params=params, files=files, timeout=60)
+
+
+def item_statuses(response: httpx.Response) -> list[int]:
+    assert response.status_code == 200, response.text
+    items = response.json()["results"]
+    for item in items:
+        assert (item["result"] is None) != (item["error"] is None), item  # exactly one of them
+    return [200 if item["error"] is None else item["error"]["status"] for item in items]
+
+
+def test_batch_items_carry_429_500_and_504_inside_a_200(start_server, probe, test_images, background):
+    server = start_server(probe, max_queue_size=1, max_batch_size=[1], max_wait_ms=[0.0])
+    probe.pause()
+    full = background.submit(batch_post, server.url, test_images[:3])
+    probe.wait_admitted(1)  # one fits the queue; the other two are refused
+    probe.add_rule(action="raise", once=True, message="injected fault")
+    probe.resume()
+    assert sorted(item_statuses(full.result())) == [429, 429, 500]
+    probe.pause()  # the engine published an empty queue before it answered
+    assert item_statuses(batch_post(server.url, test_images[3:4], timeout_ms=50)) == [504]
+    probe.resume()
+    probe.wait_idle()

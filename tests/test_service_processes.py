@@ -92,3 +92,16 @@ def test_startup_failure_exits_3(tiny_checkpoint, tmp_path):
         )  # fmt: skip
     assert run.returncode == 3, run.stderr[-2000:]
     assert "cannot listen" in run.stderr
+
+
+def test_engine_death_reaches_batch_items_as_503(start_server, probe, test_images):
+    from tests.test_service_limits import batch_post, item_statuses
+
+    server = start_server(probe)
+    probe.pause()
+    with ThreadPoolExecutor(1) as pool:
+        batch = pool.submit(batch_post, server.url, test_images[:2])
+        probe.wait_admitted(2)
+        os.kill(server.children()["engine-core"], signal.SIGKILL)
+        assert item_statuses(batch.result()) == [503, 503]
+    assert server.process.wait(60) == EXIT_ENGINE_DIED
