@@ -198,8 +198,10 @@ def wait_for_metric(url: str, name: str, value: float, **labels) -> None:
 def test_exception_in_a_batch_fails_only_that_batch(start_server, probe, test_images, background):
     server = start_server(probe, max_batch_size=[1], max_wait_ms=[0.0])
     probe.pause()
-    requests = [background.submit(post_image, server.url, image) for image in test_images[:3]]
-    probe.wait_admitted(3)
+    requests = []
+    for image in test_images[:3]:  # one at a time, so the first batch is the first request's
+        requests.append(background.submit(post_image, server.url, image))
+        probe.wait_admitted(len(requests))
     probe.add_rule(action="raise", once=True, message="injected fault")
     probe.resume()
     error = assert_error(requests[0].result(), 500, "error")
