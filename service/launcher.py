@@ -194,7 +194,9 @@ class Launcher:
                 log.error("API server %d did not stop: killing it", process.pid)
                 process.kill()
                 process.join()
-            clean &= process.exitcode == 0
+            # Killed by that SIGTERM means it had not yet installed uvicorn's handlers, so it had
+            # not accepted a connection either: a server caught starting up holds nothing to lose.
+            clean &= process.exitcode in (0, -signal.SIGTERM)
         if self.engine is not None and self.engine.is_alive():
             self._stop_engine()
         clean &= engine_dead or self.engine is None or self.engine.exitcode == 0

@@ -46,6 +46,7 @@ def test_sigterm_under_load_answers_every_request_in_flight_and_exits_0(start_se
                                                                          api_servers):  # fmt: skip
     server = start_server(probe, api_servers=api_servers, log_level="info", drain_grace_s=30,
                           max_batch_size=[4], max_wait_ms=[1.0])  # fmt: skip
+    server.wait_log(r"API server \d+ ready", count=api_servers)  # /readyz answered from one of them
     probe.pause()
     thresholds = [0.0, 0.5, 0.9, 1.0]
     in_flight = [

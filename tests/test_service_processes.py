@@ -80,6 +80,17 @@ def test_a_killed_api_server_is_replaced_and_the_others_keep_serving(start_serve
     assert server.stop() == 0
 
 
+def test_sigterm_while_an_api_server_starts_is_still_a_clean_exit(start_server, probe):
+    """A replacement API server that is still importing when SIGTERM comes dies of that signal: it
+    had accepted nothing, so the launcher still exits 0 (whichever moment the signal lands in)."""
+    server = start_server(probe, api_servers=2, log_level="info")
+    server.wait_log(r"API server \d+ ready", count=2)
+    victim = server.children()["api-server-0"]
+    os.kill(victim, signal.SIGKILL)
+    server.wait_log(rf"API server 0 \(pid {victim}\) died with exit code -9: restarting it")
+    assert server.stop() == 0
+
+
 def test_startup_failure_exits_3(tiny_checkpoint, tmp_path):
     """A port that is taken: the launcher says so and exits 3."""
     with socket.socket() as taken:
