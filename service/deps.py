@@ -7,6 +7,7 @@ those thread hops cost more than the work they do. Nothing here blocks.
 from __future__ import annotations
 
 import hmac
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Annotated
@@ -79,6 +80,9 @@ async def classify_params(
     ] = None,
 ) -> ClassifyParams:
     started = time.perf_counter()
+    if unknown := sorted(set(request.query_params) - CLASSIFY_PARAMETERS):
+        known = ", ".join(sorted(CLASSIFY_PARAMETERS))
+        raise invalid(422, "unknown_parameter", f"unknown query parameter {', '.join(unknown)}; known: {known}")
     api: ApiState = request.app.state.api
     settings, num_classes = api.settings, api.model.config.num_classes
     if top_k is not None and top_k > num_classes:
@@ -94,4 +98,6 @@ async def classify_params(
     )
 
 
+# A misspelt parameter (?treshold=0.5) is refused rather than silently answered at the default.
+CLASSIFY_PARAMETERS = frozenset(inspect.signature(classify_params).parameters) - {"request"}
 ParamsDep = Annotated[ClassifyParams, Depends(classify_params)]

@@ -77,7 +77,8 @@ BATCH_BODY = {
     }
 }
 
-classify_router = APIRouter(tags=["classify"])
+CLASSIFY_TAG = "classify"  # the routes whose requests the metrics count
+classify_router = APIRouter(tags=[CLASSIFY_TAG])
 model_router = APIRouter(tags=["model"])
 health_router = APIRouter(tags=["health"])
 
