@@ -70,7 +70,7 @@ def _triton_kernel():
     broken: SDPA still serves. Imported here, on first use, so that importing this module never
     imports triton; the kernel module does not import this one."""
     try:
-        from kernels import triton_attention
+        import kernels.triton_attention as triton_attention
     except Exception:
         return None
     return triton_attention
