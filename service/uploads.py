@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import Request
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
 from service.errors import client_gone, invalid
@@ -69,20 +68,58 @@ async def read_uploads(request: Request, limit: int, max_files: int, raw_allowed
 
 async def _read_multipart(request: Request, limit: int, max_files: int) -> list[Upload]:
     body = await read_body(request, limit)
-    parser = MultiPartParser(request.headers, _once(body), max_files=max_files, max_fields=max_files)
     try:
-        form = await parser.parse()
-    except MultiPartException as e:
-        raise invalid(422, "invalid_body", f"bad multipart body: {e.message}") from None
-    try:
-        files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-        uploads = [Upload(await f.read(), f.filename) for f in files]
-    finally:
-        await form.close()
+        uploads = file_parts(body, request.headers.get("content-type", ""), max_files)
+    except (MultipartParseError, ValueError) as e:
+        raise invalid(422, "invalid_body", f"bad multipart body: {e}") from None
     if not uploads:
         raise invalid(422, "invalid_body", "the multipart body has no file part (send the image as 'file')")
     return uploads
 
 
-async def _once(body: bytes) -> AsyncIterator[bytes]:
-    yield body
+def file_parts(body: bytes, content_type: str, max_files: int) -> list[Upload]:
+    """The file parts (those with a filename) of a whole multipart body, in order, in memory.
+
+    python-multipart's parser, driven directly: Starlette's form layer around it spools each file
+    into a SpooledTemporaryFile and costs about twice the parse itself, for bodies that are
+    already in memory and capped at ``max_body_bytes``. Other parts count against the same limit.
+    """
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise ValueError("no boundary in the content type")
+    uploads: list[Upload] = []
+    others = 0
+    headers: dict[bytes, bytes] = {}
+    field, value, data = bytearray(), bytearray(), []
+
+    def on_part_begin() -> None:
+        headers.clear()
+        data.clear()
+
+    def on_header_end() -> None:
+        headers[bytes(field).lower()] = bytes(value)
+        field.clear()
+        value.clear()
+
+    def on_part_end() -> None:
+        nonlocal others
+        _, disposition = parse_options_header(headers.get(b"content-disposition", b""))
+        if b"filename" in disposition:
+            if len(uploads) == max_files:
+                raise ValueError(f"more than {max_files} file part{'s' if max_files > 1 else ''}")
+            uploads.append(Upload(b"".join(data), disposition[b"filename"].decode("utf-8", "replace")))
+        elif (others := others + 1) > max_files:
+            raise ValueError(f"more than {max_files} non-file parts")
+
+    parser = MultipartParser(boundary, {
+        "on_part_begin": on_part_begin,
+        "on_part_data": lambda buffer, start, end: data.append(buffer[start:end]),
+        "on_part_end": on_part_end,
+        "on_header_field": lambda buffer, start, end: field.extend(buffer[start:end]),
+        "on_header_value": lambda buffer, start, end: value.extend(buffer[start:end]),
+        "on_header_end": on_header_end,
+    })  # fmt: skip
+    parser.write(body)
+    parser.finalize()
+    return uploads
