@@ -103,10 +103,11 @@ def model_name(model: ServedModel) -> str:
 
 
 def input_specs(model: ServedModel) -> dict[str, TensorSpec]:
-    """``image`` also as [B, 1]: what a client sends that follows the config's dims [1]."""
+    """``image`` is [B, 1] in the metadata, as Triton shows config dims [1] (perf_analyzer needs
+    a dimension besides the batch's), and [B] is accepted too."""
     c, s = model.config.in_chans, model.config.img_size
     return {
-        "image": TensorSpec("image", "BYTES", ((-1,), (-1, 1))),
+        "image": TensorSpec("image", "BYTES", ((-1, 1), (-1,))),
         "pixel_values": TensorSpec("pixel_values", "FP32", ((-1, c, s, s),)),
     }
 
