@@ -14,7 +14,6 @@ no malformed body reaches the engine or raises anything else.
 from __future__ import annotations
 
 import base64
-import binascii
 import math
 import struct
 from collections.abc import Iterator
@@ -186,13 +185,14 @@ def from_json(tensor: InputTensor) -> np.ndarray | list[bytes]:
             raise ProtocolError(f"input {tensor.name!r}: BYTES data must be strings (base64)")
         try:
             return [base64.b64decode(v, validate=True) for v in values]
-        except binascii.Error as e:
+        except ValueError as e:  # binascii.Error, or a string with non-ASCII characters
             raise ProtocolError(f"input {tensor.name!r}: not base64 ({e})") from None
     if not all(type(v) in (int, float) for v in values):  # bool is an int subclass, and not a number here
         raise ProtocolError(f"input {tensor.name!r}: {tensor.datatype} data must be numbers")
     try:
-        return np.array(values, dtype=NUMPY[tensor.datatype]).reshape(tensor.shape)
-    except OverflowError:
+        with np.errstate(over="ignore"):  # FP32: a huge number becomes inf, which the route refuses
+            return np.array(values, dtype=NUMPY[tensor.datatype]).reshape(tensor.shape)
+    except OverflowError:  # an integer datatype
         raise ProtocolError(f"input {tensor.name!r}: a value does not fit {tensor.datatype}") from None
 
 

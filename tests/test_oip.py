@@ -202,6 +202,8 @@ BAD_BODIES = {
     "undecodable bytes": lambda png: binary_body([tensor("image", "BYTES", [1], strings(b"not an image"))]),
     "cut-off BYTES element": lambda png: binary_body([tensor("image", "BYTES", [1], strings(png)[:-5])]),
     "not base64": lambda png: binary_body([tensor("image", "BYTES", [1], data=["%%%"])]),
+    "not ASCII base64": lambda png: binary_body([tensor("image", "BYTES", [1], data=["é"])]),
+    "JSON pixels past FP32": lambda png: binary_body([tensor("pixel_values", "FP32", [1, 1, 16, 16], data=[1e39] * 256)]),
     "non-finite pixels": lambda png: binary_body([tensor("pixel_values", "FP32", [1, 1, 16, 16], NAN_PIXELS.tobytes())]),
     "header length past the body": lambda png: binary_body([tensor("image", "BYTES", [1], strings(png))], header_length="99999"),
     "header length inside the JSON": lambda png: binary_body([tensor("image", "BYTES", [1], strings(png))], header_length="20"),
