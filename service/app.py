@@ -25,6 +25,8 @@ from service.docs_assets import mount_offline_docs
 from service.engine_client import EngineClient
 from service.errors import ServiceError, invalid
 from service.images import pillow_pixel_limit
+from service.oip import UNAUTHORIZED as INFER_UNAUTHORIZED
+from service.oip import infer_router, meta_router
 from service.routes import CLASSIFY_TAG, UNAUTHORIZED, classify_router, health_router, model_router
 from service.served_model import ServedModel
 from service.settings import Settings
@@ -47,7 +49,8 @@ def create_app(settings: Settings, model: ServedModel, device: str, engine_addre
     # the model, health and metrics routes stay open for probes and scrapers.
     auth = [Depends(require_token)] if settings.api_token is not None else []
     app.include_router(classify_router, dependencies=auth, responses=UNAUTHORIZED if auth else None)
-    for router in (model_router, health_router):
+    app.include_router(infer_router, dependencies=auth, responses=INFER_UNAUTHORIZED if auth else None)
+    for router in (model_router, health_router, meta_router):
         app.include_router(router)
     app.add_exception_handler(ServiceError, service_error)
     app.add_exception_handler(RequestValidationError, validation_error)

@@ -10,6 +10,7 @@ import hmac
 import math
 import time
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Annotated, TypeVar
 
 import msgspec
@@ -93,12 +94,12 @@ class ClassifyQuery(msgspec.Struct, forbid_unknown_fields=True):
                 raise ValueError(f"{name}: must be a finite number")
 
 
-def parse_query(request: Request, query_type: type[Q]) -> Q:
-    """The request's query string as ``query_type``; 422 naming unknown or invalid parameters.
+def parse_query(given: Mapping[str, object], query_type: type[Q]) -> Q:
+    """``given`` (a query string, or the parameters of an inference request) as ``query_type``;
+    a ServiceError (422) naming unknown or invalid parameters.
 
     A misspelt parameter (?treshold=0.5) is refused rather than silently answered at the default.
     """
-    given = request.query_params
     known = query_type.__struct_fields__
     if unknown := sorted(set(given) - set(known)):
         listed = ", ".join(sorted(known))
@@ -138,8 +139,11 @@ def classify_params(request: Request) -> ClassifyParams:
     """The classify routes' parameters with the server's defaults filled in (called by the route
     itself: no FastAPI dependency, see ``ClassifyQuery``)."""
     started = time.perf_counter()
-    query = parse_query(request, ClassifyQuery)
-    api: ApiState = request.app.state.api
+    return resolve_params(request.app.state.api, parse_query(request.query_params, ClassifyQuery), started)
+
+
+def resolve_params(api: ApiState, query: ClassifyQuery, started: float) -> ClassifyParams:
+    """The checks that need the model and the settings, and the server's defaults."""
     settings, num_classes = api.settings, api.model.config.num_classes
     if query.top_k is not None and query.top_k > num_classes:
         raise invalid(422, "invalid_parameter", f"top_k: must be <= {num_classes}, the number of classes")

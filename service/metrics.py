@@ -20,8 +20,7 @@ OUTCOMES = ("ok", "invalid", "rejected", "timeout", "cancelled", "error")
 REJECTION_REASONS = (
     "queue_full", "draining", "not_ready",  # capacity: 429, 503
     "body_too_large", "unsupported_media_type", "invalid_body", "invalid_image", "invalid_parameter",
-    "unknown_parameter",
-    "unauthorized",
+    "unknown_parameter", "unauthorized", "unknown_model",
 )  # fmt: skip
 BATCH_FAILURE_CAUSES = ("out_of_memory", "error")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)

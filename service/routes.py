@@ -134,13 +134,21 @@ async def answer(api: ApiState, upload: Upload, params: ClassifyParams) -> dict:
         image = decode_image(upload.data, api.model.preprocess, api.settings.max_image_pixels)
     except ImageError as e:
         raise invalid(422, "invalid_image", str(e)) from None
+    result, total_s = await classify_image(api, image, params)
+    return to_response(api.model, result, params, total_s)
+
+
+async def classify_image(api: ApiState, image: np.ndarray, params: ClassifyParams) -> tuple[Answer, float]:
+    """The engine path of every image of every route (admission already checked): hand the
+    preprocessed (C, H, W) float32 image to the engine core, await its answer, count it.
+    Returns the answer and the seconds since the request began; raises ServiceError."""
     try:
         result = await api.engine.classify(image, params.threshold, params.timeout_s)
     except EngineError as e:
         raise from_engine(e, api.settings.retry_after_s) from None
     total_s = time.perf_counter() - params.started
     api.metrics.record_success(total_s)
-    return to_response(api.model, result, params, total_s)
+    return result, total_s
 
 
 def check_admission(api: ApiState, params: ClassifyParams) -> None:
@@ -161,7 +169,7 @@ def to_response(model: ServedModel, result: Answer, params: ClassifyParams, tota
     """The Classification body as plain data, numbers rounded to what a person reads."""
     names = model.class_names
     probs = np.frombuffer(result.probabilities, dtype=np.float32)
-    best = np.argsort(-probs, kind="stable")[: params.top_k].tolist()  # ties: the lower index first
+    best = top_classes(probs, params.top_k)
     stage = result.exit_stage
     return {
         "label": names[best[0]],
@@ -180,6 +188,12 @@ def to_response(model: ServedModel, result: Answer, params: ClassifyParams, tota
             "total_ms": readable(1000 * total_s),
         },
     }
+
+
+def top_classes(probs: np.ndarray, k: int) -> list[int]:
+    """The k most probable class indices of one image's (classes,) probabilities, most probable
+    first; ties: the lower index first."""
+    return np.argsort(-probs, kind="stable")[:k].tolist()
 
 
 def readable(x: float) -> float:

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 TEST_TOOLS = {  # what only the tests, the fuzzers and CI use
     "pytest", "pytest-timeout", "matplotlib", "check-jsonschema", "kubernetes-validate", "podman-compose",
-    "pyyaml", "hypothesis", "schemathesis", "litserve", "timm", "atheris",
+    "pyyaml", "hypothesis", "schemathesis", "litserve", "timm", "atheris", "tritonclient", "perf-analyzer",
     "prometheus", "podman", "runc", "debootstrap", "dataset-fashion-mnist",
 }  # fmt: skip
 
@@ -41,6 +41,7 @@ def test_runtime_install_has_no_test_tools():
     assert lists["apt"] == ""
     assert lists["pip"].split() == ["torch==2.13.0", "-e", "."]  # the CPU build first, then no extras
     assert "pip --no-deps" not in lists
+    assert "perf_analyzer" not in lists
 
 
 def test_runtime_dependencies_have_no_test_tools():
@@ -54,6 +55,7 @@ def test_test_install_has_everything():
     assert set(lists["apt"].split()) == {"dataset-fashion-mnist", "prometheus", "podman", "runc", "debootstrap"}
     assert lists["pip"].split() == ["torch==2.13.0", "-e", ".[test]"]
     assert lists["pip --no-deps"] == "timm==1.0.31"
+    assert lists["perf_analyzer"] == "perf-analyzer==2.60.0"  # by scripts/install-perf-analyzer, not pip
     assert {"pytest", "schemathesis", "litserve"} <= names(pyproject()["optional-dependencies"]["test"])
 
 
