@@ -131,7 +131,7 @@ async def answer(api: ApiState, upload: Upload, params: ClassifyParams) -> dict:
     except ImageError as e:
         raise invalid(422, "invalid_image", str(e)) from None
     try:
-        result = await api.engine.classify(image, params.threshold, params.timeout_s)
+        result = await api.engine.classify(image, params.threshold, params.timeout_s, params.min_threshold)
     except EngineError as e:
         raise from_engine(e, api.settings.retry_after_s) from None
     total_s = time.perf_counter() - params.started
@@ -169,7 +169,9 @@ def to_response(model: ServedModel, result: Answer, params: ClassifyParams, tota
         "stages_run": stage + 1,
         "heads_used": model.config.stages[stage],
         "gmacs": readable(model.exit_gmacs[stage]),
-        "threshold": params.threshold,
+        "threshold": params.threshold if result.threshold is None else result.threshold,
+        "requested_threshold": params.threshold,
+        "degraded": result.degraded,
         "timings": {
             "queue_ms": readable(1000 * result.queue_s),
             "compute_ms": readable(1000 * result.compute_s),
