@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import logging
+import math
 import os
 import signal
 import time
@@ -98,9 +99,12 @@ class EngineCore:
                            f"image frame of {len(image)} bytes; the model takes float32 {shape}")  # fmt: skip
             return
         request_id = next(self._ids)
-        deadline = time.monotonic() + message.timeout_s
+        now = time.monotonic()
+        deadline = now + message.timeout_s
+        if self.slo is not None:
+            self.slo.observe_admission(message.waited_s)
         try:
-            self.scheduler.add(request_id, message.threshold, deadline, message.min_threshold)
+            self.scheduler.add(request_id, message.threshold, deadline, message.min_threshold, now - message.waited_s)
         except QueueFull as e:
             self._fail_now(client, message.request_id, FailureKind.QUEUE_FULL, f"queue full: {e}")
             return
@@ -136,6 +140,8 @@ class EngineCore:
             return 0.0
         if self.hooks.on_idle:
             self.hooks.on_idle(self.in_flight())
+        if self.slo is not None and self.scheduler.level < 1:  # wake up to raise the thresholds back
+            return min(plan.next_due_s or math.inf, self.slo.config.up_interval_s)
         return plan.next_due_s
 
     def take_outbox(self) -> list[tuple[ClientId, Outbound]]:

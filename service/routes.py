@@ -131,7 +131,8 @@ async def answer(api: ApiState, upload: Upload, params: ClassifyParams) -> dict:
     except ImageError as e:
         raise invalid(422, "invalid_image", str(e)) from None
     try:
-        result = await api.engine.classify(image, params.threshold, params.timeout_s, params.min_threshold)
+        waited_s = time.perf_counter() - params.started
+        result = await api.engine.classify(image, params.threshold, params.timeout_s, params.min_threshold, waited_s)
     except EngineError as e:
         raise from_engine(e, api.settings.retry_after_s) from None
     total_s = time.perf_counter() - params.started

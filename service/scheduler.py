@@ -105,11 +105,12 @@ class Scheduler:
     # ------------------------------------------------------------------ called by request handlers
 
     def add(self, request_id: int, threshold: float, deadline: float | None = None,
-            min_threshold: float | None = None) -> None:  # fmt: skip
+            min_threshold: float | None = None, arrived_at: float | None = None) -> None:  # fmt: skip
         """Admit a new request into the first stage's queue; raises QueueFull when at capacity.
 
         ``min_threshold`` (default: ``threshold``, never lowered) is the floor ``set_level`` may
-        lower the request's threshold to; it starts at the current level's threshold."""
+        lower the request's threshold to; it starts at the current level's threshold.
+        ``arrived_at`` (default: now) is when it reached the server, for the latency SLO."""
         if request_id in self.requests:
             raise ValueError(f"request {request_id} is already scheduled")
         if self.num_waiting() >= self.config.max_queue_size:
@@ -117,7 +118,8 @@ class Scheduler:
         floor = threshold if min_threshold is None else min_threshold
         now = self.clock()
         request = Request(request_id, effective_threshold(threshold, floor, self.level), deadline,
-                          enqueued_at=now, requested_threshold=threshold, min_threshold=floor, arrived_at=now)  # fmt: skip
+                          enqueued_at=now, requested_threshold=threshold, min_threshold=floor,
+                          arrived_at=now if arrived_at is None else arrived_at)  # fmt: skip
         self.requests[request_id] = request
         self._queues[0].append(request)
         self._check_invariants()

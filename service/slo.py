@@ -62,6 +62,7 @@ class SloController:
         self.level = 1.0
         self.per_image_s: list[float | None] = [None] * stages  # moving estimate per stage
         self.go_on: list[float | None] = [None] * (stages - 1) + [0.0]  # share of a batch going on
+        self.front_s: float | None = None  # moving estimate of the time before admission (API server)
         self.predicted_s = 0.0  # the last prediction decide() acted on
         self._last_down = self._last_up = -math.inf
 
@@ -79,12 +80,19 @@ class SloController:
             share, old = moved_on / batch_size, self.go_on[stage]
             self.go_on[stage] = share if old is None else (1 - a) * old + a * share
 
+    def observe_admission(self, waited_s: float) -> None:
+        """A request was admitted after ``waited_s`` in the API server (body, decoding): that time
+        counts against the SLO too."""
+        a, old = self.config.smoothing, self.front_s
+        self.front_s = waited_s if old is None else (1 - a) * old + a * waited_s
+
     # ------------------------------------------------------------------ called before every schedule
 
     def predict_s(self, depths: Sequence[int]) -> float:
-        """Seconds until a request arriving now is answered: the queued work of every stage (later
-        stages run first), the share of earlier stages' work that goes on, and the new request."""
-        total, carried = 0.0, 1.0  # carried: requests flowing into this stage from earlier ones
+        """Seconds until a request arriving now is answered: its time in the API server, the queued
+        work of every stage (later stages run first), the share of earlier stages' work that goes
+        on, and the new request."""
+        total, carried = self.front_s or 0.0, 1.0  # carried: requests flowing into this stage from earlier ones
         for stage, depth in enumerate(depths):
             load = depth + carried
             total += self._batched_s(stage, load)

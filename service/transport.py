@@ -35,6 +35,7 @@ class Submit(msgspec.Struct, tag="submit", array_like=True):
     threshold: float
     timeout_s: float  # the engine drops it once this has passed since arrival
     min_threshold: float | None = None  # the floor a latency SLO may lower it to; None: never lowered
+    waited_s: float = 0.0  # spent in the API server before it was sent: a latency SLO counts it
 
 
 class Abort(msgspec.Struct, tag="abort", array_like=True):

@@ -44,6 +44,13 @@ def test_prediction_sums_queued_work_and_the_share_that_goes_on():
     assert controller.predict_s([100, 20]) == pytest.approx(101 * 0.001 + (20 + 50.5) * 0.002)
 
 
+def test_time_in_the_api_server_counts_against_the_slo():
+    controller = measured(make_controller())
+    before = controller.predict_s([10, 0])
+    controller.observe_admission(0.05)
+    assert controller.predict_s([10, 0]) == pytest.approx(before + 0.05)
+
+
 def test_estimates_move_with_each_batch():
     controller = measured(make_controller(smoothing=0.5))
     controller.observe(0, 10, 10 * 0.003, moved_on=10)
@@ -122,6 +129,13 @@ def test_level_lowers_waiting_and_new_requests_to_no_less_than_their_floor():
     assert [scheduler.requests[i].threshold for i in range(3)] == pytest.approx([0.5, 0.8, 0.1])
     scheduler.set_level(1.0)
     assert [scheduler.requests[i].threshold for i in range(3)] == pytest.approx([0.9, 0.8, 0.9])
+
+
+def test_arrival_is_when_the_server_took_the_request_in():
+    scheduler = make_scheduler()
+    scheduler.add(0, 0.9, min_threshold=0.1, arrived_at=scheduler.clock() - 0.03)
+    scheduler.add(1, 0.9)
+    assert scheduler.arrivals(0) == [scheduler.clock() - 0.03, scheduler.clock()]
 
 
 def test_plan_carries_the_effective_threshold():
