@@ -61,7 +61,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     requested_threshold: float = 1.0  # what the client asked for; ``threshold`` is the effective one
     min_threshold: float = 1.0  # the floor load may lower ``threshold`` to (the latency SLO)
-    arrived_at: float = 0.0  # monotonic seconds it was admitted
+    arrived_at: float = 0.0  # monotonic seconds it reached the server (the API server, for an SLO)
     confidence: float | None = None  # at the last stage it ran: may it leave there, if cut short?
 
 
@@ -218,7 +218,7 @@ class Scheduler:
                 request.threshold = effective_threshold(request.requested_threshold, request.min_threshold, level)
 
     def arrivals(self, stage: int) -> list[float]:
-        """When each request waiting in ``stage``'s queue was admitted, oldest in the queue first."""
+        """When each request waiting in ``stage``'s queue reached the server, oldest in the queue first."""
         return [r.arrived_at for r in self._queues[stage]]
 
     def cut_short(self, stage: int, positions: Sequence[int]) -> tuple[int, ...]:
