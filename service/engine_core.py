@@ -141,7 +141,8 @@ class EngineCore:
         if self.hooks.on_idle:
             self.hooks.on_idle(self.in_flight())
         if self.slo is not None and self.scheduler.level < 1:  # wake up to raise the thresholds back
-            return min(plan.next_due_s or math.inf, self.slo.config.up_interval_s)
+            due = math.inf if plan.next_due_s is None else plan.next_due_s
+            return min(due, self.slo.config.up_interval_s)
         return plan.next_due_s
 
     def take_outbox(self) -> list[tuple[ClientId, Outbound]]:
