@@ -21,3 +21,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--measure-s", type=float, help="seconds measured per threshold run")
     p.add_argument("--serve-args", default="",
                    help="extra flags for our server, e.g. '--api-servers 8 --max-batch-size 128' (recorded)")
+
+
+def add_slo_arguments(p: argparse.ArgumentParser) -> None:
+    """``python -m bench.slo`` and ``thinkingvit bench-slo``: open-loop load with and without a latency SLO."""
+    p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per open-loop run")
+    p.add_argument("--slo-ms", type=float, default=200.0, help="latency_slo_ms of the SLO server")
+    p.add_argument("--multipliers", type=float, nargs="+", default=[1, 1.5, 2, 3], help="of the full-model peak")
+    p.add_argument("--step-s", type=float, default=10.0, help="length of each phase of the load step")
+    p.add_argument("--threshold", default="1", help="what every request asks for: a number, or 'elastic' "
+                   "(the cheapest within 0.3 pp of the full model); default 1, the full model, so that N x "
+                   "the full-model peak is N times what the engine can serve as asked")
+    p.add_argument("--images", type=int, default=512, help="Fashion-MNIST test images cycled through")
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--smoke", action="store_true", help="seconds-long runs at 1x and 3x: checks the harness")

@@ -1,6 +1,6 @@
 """Issue #18's run: open-loop load over the full-model peak, with and without ``latency_slo_ms``.
 
-    python -m bench.slo [--seconds 10] [--slo-ms 200] [--step-s 10] [--out bench/results] [--smoke]
+    python -m bench.slo (or thinkingvit bench-slo) [--seconds 10] [--slo-ms 200] [--step-s 10] [--out bench/results] [--smoke]
 
 1. The full-model peak: closed loop at threshold 1 (every image runs every stage) on the server
    without an SLO, 32 users.
@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.loadgen import LoadGenerator, RunResult, Workload, percentile
+from bench.options import add_slo_arguments
 from bench.servers import SystemSpec, python_command, start
 from bench.serving import elastic_threshold, png
 from model.checkpoint import read_metadata
@@ -41,17 +42,12 @@ PEAK_USERS = 32
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per open-loop run")
-    p.add_argument("--slo-ms", type=float, default=200.0, help="latency_slo_ms of the SLO server")
-    p.add_argument("--multipliers", type=float, nargs="+", default=[1, 1.5, 2, 3], help="of the full-model peak")
-    p.add_argument("--step-s", type=float, default=10.0, help="length of each phase of the load step")
-    p.add_argument("--threshold", default="1", help="what every request asks for: a number, or 'elastic' "
-                   "(the cheapest within 0.3 pp of the full model); default 1, the full model, so that N x "
-                   "the full-model peak is N times what the engine can serve as asked")
-    p.add_argument("--images", type=int, default=512, help="Fashion-MNIST test images cycled through")
-    p.add_argument("--out", type=Path, default=Path("bench/results"))
-    p.add_argument("--smoke", action="store_true", help="seconds-long runs at 1x and 3x: checks the harness")
-    args = p.parse_args(argv)
+    add_slo_arguments(p)
+    return p.parse_args(argv)
+
+
+def smoke_counts(args: argparse.Namespace) -> argparse.Namespace:
+    """--smoke: seconds-long runs at 1x and 3x on 64 images, enough to show the harness works."""
     if args.smoke:
         args.seconds, args.step_s, args.images, args.multipliers = 2.0, 2.0, 64, [1, 3]
     return args
@@ -135,7 +131,12 @@ def plot(steps: dict[str, list[dict]], step_s: float, slo_ms: float, requested: 
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """The whole run (``thinkingvit bench-slo`` calls this with its parsed flags)."""
+    args = smoke_counts(args)
     pngs, labels = workload(args.images)
     if args.threshold == "elastic":
         requested, why = elastic_threshold(DEFAULT_CHECKPOINT)

@@ -174,6 +174,12 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_bench_slo(args) -> int:
+    from bench.slo import run
+
+    return run(args)
+
+
 def cmd_classify(args) -> int:
     from service.client import run
 
@@ -264,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="serving benchmark: thresholds, analytic limit, peers (docs/benchmarks.md)")
     add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)
+    from bench.options import add_slo_arguments
+
+    p = sub.add_parser("bench-slo", help="open-loop load over the full-model peak with and without a latency SLO")
+    add_slo_arguments(p)
+    p.set_defaults(func=cmd_bench_slo)
     return parser
 
 
