@@ -69,6 +69,8 @@ class Sample:
     exit_stages: list[int]  # ours only; empty for peers
     gmacs: float  # summed over the images (ours only)
     error: str | None = None
+    thresholds: list[float] = field(default_factory=list)  # effective threshold per image (ours only)
+    degraded: int = 0  # images the latency SLO answered early (ours only)
 
 
 @dataclass
@@ -110,6 +112,10 @@ class RunResult:
         if stages and num_stages:
             out["exit_share"] = [stages.count(k) / len(stages) for k in range(num_stages)]
             out["gmacs_per_image"] = sum(s.gmacs for s in ok) / len(stages)
+        thresholds = [t for s in ok for t in s.thresholds]
+        if thresholds:
+            out["mean_threshold"] = sum(thresholds) / len(thresholds)
+            out["degraded"] = sum(s.degraded for s in ok)
         return out
 
 
@@ -121,17 +127,17 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[rank - 1]
 
 
-def parse(status: int, body: bytes, labels: list[int]) -> tuple[int, list[int], float, str | None]:
-    """(correct, exit stages, gmacs, error) of one response."""
+def parse(status: int, body: bytes, labels: list[int]) -> tuple[int, list[int], float, str | None, list[dict]]:
+    """(correct, exit stages, gmacs, error, the answers) of one response."""
     if status != 200:
-        return 0, [], 0.0, f"http {status}"
+        return 0, [], 0.0, f"http {status}", []
     data = json.loads(body)
     answers = [item.get("result") for item in data["results"]] if "results" in data else [data]
     if len(answers) != len(labels) or any(a is None for a in answers):
-        return 0, [], 0.0, "bad response"
+        return 0, [], 0.0, "bad response", []
     correct = sum(a["class_index"] == label for a, label in zip(answers, labels))
     stages = [a["exit_stage"] for a in answers if "exit_stage" in a]
-    return correct, stages, sum(a.get("gmacs", 0.0) for a in answers), None
+    return correct, stages, sum(a.get("gmacs", 0.0) for a in answers), None, answers
 
 
 class HttpError(Exception):
@@ -203,10 +209,10 @@ class LoadGenerator:
                 conn = conn or await Connection.open(self.host, self.port)
                 async with asyncio.timeout(self.timeout_s):
                     status, body = await conn.request(message)
-                correct, stages, gmacs, error = parse(status, body, labels)
+                correct, stages, gmacs, error, answers = parse(status, body, labels)
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError,
                     KeyError) as e:  # fmt: skip
-                correct, stages, gmacs, error = 0, [], 0.0, type(e).__name__
+                correct, stages, gmacs, error, answers = 0, [], 0.0, type(e).__name__, []
                 if conn is not None:
                     conn.close()
                 conn = None
@@ -217,7 +223,9 @@ class LoadGenerator:
         if conn is not None and not conn.usable:
             conn.close()
             conn = None
-        return Sample(start, time.perf_counter(), len(labels), correct, stages, gmacs, error), conn
+        thresholds = [a["threshold"] for a in answers if "degraded" in a]  # ours, with issue #18's fields
+        degraded = sum(bool(a.get("degraded")) for a in answers)
+        return Sample(start, time.perf_counter(), len(labels), correct, stages, gmacs, error, thresholds, degraded), conn
 
     async def _drain(self, tasks: set[asyncio.Task]) -> int:
         """Wait up to ``drain_s`` for requests still in flight, cancel the rest; how many were cancelled."""
@@ -266,8 +274,10 @@ class LoadGenerator:
         return window.result(samples, unfinished=unfinished)
 
     def open_loop(
-        self, work: Workload, rate: float, warmup_s: float, measure_s: float, min_requests: int = 0, seed: int = 0
-    ) -> RunResult:
+        self, work: Workload, rate: float | Callable[[float], float], warmup_s: float, measure_s: float,
+        min_requests: int = 0, seed: int = 0,
+    ) -> RunResult:  # fmt: skip
+        """Poisson arrivals at ``rate`` per second, or at ``rate(seconds since the start)`` (a load step)."""
         return asyncio.run(self._open_loop(work, rate, warmup_s, measure_s, min_requests, seed))
 
     async def _open_loop(self, work, rate, warmup_s, measure_s, min_requests, seed) -> RunResult:
@@ -287,9 +297,9 @@ class LoadGenerator:
         begin = time.perf_counter()
         window = _Window(self.meters, begin + warmup_s, begin + warmup_s + measure_s, min_requests)
         opener = asyncio.create_task(window.open_at_start())
-        arrival = begin
+        arrival, rate_at = begin, rate if callable(rate) else (lambda _t: rate)
         for i in itertools.count():
-            arrival += rng.expovariate(rate)
+            arrival += rng.expovariate(rate_at(arrival - begin))
             delay = arrival - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)  # pacing the Poisson arrivals, not synchronisation

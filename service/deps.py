@@ -22,7 +22,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from service.engine_client import EngineClient
 from service.errors import invalid, unauthorized
 from service.metrics import ApiMetrics
-from service.served_model import ServedModel
+from service.served_model import ServedModel, cheapest_threshold
 from service.settings import Settings
 
 Q = TypeVar("Q", bound=msgspec.Struct)
@@ -71,6 +71,7 @@ class ClassifyParams:
     top_k: int
     timeout_s: float
     started: float  # perf_counter when the handler began: total_ms and the drain rule count from it
+    min_threshold: float = 0.0  # the floor a latency SLO may lower ``threshold`` to
 
 
 class ClassifyQuery(msgspec.Struct, forbid_unknown_fields=True):
@@ -86,6 +87,12 @@ class ClassifyQuery(msgspec.Struct, forbid_unknown_fields=True):
     timeout_ms: Annotated[
         float, Meta(ge=1, description="deadline in ms (>= 1); may only shorten the server's")
     ] | None = None  # fmt: skip
+    target_accuracy: Annotated[float, Meta(ge=0, le=1, description=(
+        "instead of threshold: the cheapest threshold whose calibrated accuracy (a fraction) reaches this, "
+        "as GET /v1/model?target_accuracy= says"))] | None = None  # fmt: skip
+    min_threshold: Annotated[float, Meta(ge=0, le=1, description=(
+        "in [0, threshold]: the lowest threshold the server may use under load (latency_slo_ms); "
+        "default: the server's min_threshold"))] | None = None  # fmt: skip
 
     def __post_init__(self) -> None:
         for name in self.__struct_fields__:
@@ -150,9 +157,34 @@ def resolve_params(api: ApiState, query: ClassifyQuery, started: float) -> Class
     timeout_s = settings.request_timeout_s
     if query.timeout_ms is not None:
         timeout_s = min(timeout_s, query.timeout_ms / 1000)
+    threshold, min_threshold = query.threshold, query.min_threshold
+    if query.target_accuracy is not None:
+        if threshold is not None:
+            raise invalid(422, "invalid_parameter", "give threshold or target_accuracy, not both")
+        threshold = threshold_for_target(api.model, query.target_accuracy)
+    threshold = settings.default_threshold if threshold is None else threshold
+    if min_threshold is not None and min_threshold > threshold:
+        raise invalid(422, "invalid_parameter", f"min_threshold: must be <= the threshold ({threshold:g})")
     return ClassifyParams(
-        threshold=settings.default_threshold if query.threshold is None else query.threshold,
+        threshold=threshold,
         top_k=min(num_classes, settings.default_top_k) if query.top_k is None else query.top_k,
         timeout_s=timeout_s,
         started=started,
+        min_threshold=min(settings.min_threshold, threshold) if min_threshold is None else min_threshold,
     )
+
+
+def threshold_for_target(model: ServedModel, target_accuracy: float) -> float:
+    """The threshold ``GET /v1/model?target_accuracy=`` recommends (one rule: cheapest_threshold),
+    or a 422 saying why there is none."""
+    rows = (model.calibration or {}).get("rows")
+    if not rows:
+        raise invalid(422, "invalid_parameter", f"target_accuracy: the checkpoint {model.checkpoint} has no "
+                      "calibration profile; give a threshold instead")  # fmt: skip
+    row = cheapest_threshold(model.calibration, target_accuracy)
+    if row is None:
+        best = max(rows, key=lambda r: r["accuracy"])
+        raise invalid(422, "invalid_parameter", f"target_accuracy: {target_accuracy:g} is above what the model "
+                      f"reaches: at best {best['accuracy']:g} (threshold {best['threshold']:g})")  # fmt: skip
+    return row["threshold"]
+

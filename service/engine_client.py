@@ -82,13 +82,16 @@ class EngineClient:
         if not self.engine_alive:
             raise EngineError(FailureKind.ENGINE_GONE, ENGINE_GONE)
 
-    async def classify(self, image: np.ndarray, threshold: float, timeout_s: float) -> Answer:
-        """Send one preprocessed image (C, H, W) float32 and await its answer; raises EngineError."""
+    async def classify(self, image: np.ndarray, threshold: float, timeout_s: float,
+                       min_threshold: float | None = None, waited_s: float = 0.0) -> Answer:  # fmt: skip
+        """Send one preprocessed image (C, H, W) float32 and await its answer; raises EngineError.
+        ``min_threshold``: how far a latency SLO may lower the threshold (None: not at all);
+        ``waited_s``: how long the request has been in this server already (the SLO counts it)."""
         self.check_alive()
         request_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._futures[request_id] = future
-        header = encode(Submit(request_id, threshold, timeout_s))
+        header = encode(Submit(request_id, threshold, timeout_s, min_threshold, waited_s))
         try:
             await self._sock.send_multipart([header, image.data], copy=False)
             async with asyncio.timeout(timeout_s):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import logging
+import math
 import os
 import signal
 import time
@@ -23,7 +24,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
+from model.exit_rule import exits_early
 from service.scheduler import QueueFull, SchedulePlan, Scheduler
+from service.slo import SloController
 from service.transport import (
     Abort,
     Answer,
@@ -64,14 +67,19 @@ class _Request:
     confidences: list[float] = field(default_factory=list)  # one per stage run
     queue_s: float = 0.0
     compute_s: float = 0.0
+    threshold: float = 1.0  # as requested (the scheduler holds the effective one)
+    min_threshold: float | None = None  # its floor under a latency SLO
+    probabilities: np.ndarray | None = None  # (classes,) at the last stage run: an SLO may answer with it
 
 
 class EngineCore:
     """Admission, the schedule-run-update step and answer routing; no sockets, no processes."""
 
     def __init__(self, scheduler: Scheduler, runner, metrics, exit_gmacs: Sequence[float],
-                 stage_gmacs: Sequence[float], hooks: EngineHooks | None = None):  # fmt: skip
+                 stage_gmacs: Sequence[float], hooks: EngineHooks | None = None,
+                 slo: SloController | None = None):  # fmt: skip
         self.scheduler, self.runner, self.metrics = scheduler, runner, metrics
+        self.slo = slo  # None: no latency SLO, every request runs with the threshold it asked for
         self.exit_gmacs, self.stage_gmacs = tuple(exit_gmacs), tuple(stage_gmacs)
         self.hooks = hooks or EngineHooks()
         self.requests: dict[int, _Request] = {}  # by engine request id
@@ -91,14 +99,18 @@ class EngineCore:
                            f"image frame of {len(image)} bytes; the model takes float32 {shape}")  # fmt: skip
             return
         request_id = next(self._ids)
-        deadline = time.monotonic() + message.timeout_s
+        now = time.monotonic()
+        deadline = now + message.timeout_s
+        if self.slo is not None:
+            self.slo.observe_admission(message.waited_s)
         try:
-            self.scheduler.add(request_id, message.threshold, deadline)
+            self.scheduler.add(request_id, message.threshold, deadline, message.min_threshold, now - message.waited_s)
         except QueueFull as e:
             self._fail_now(client, message.request_id, FailureKind.QUEUE_FULL, f"queue full: {e}")
             return
         array = np.frombuffer(image, dtype=np.float32).reshape(shape)  # (C, H, W), no copy
-        self.requests[request_id] = _Request(client, message.request_id, array, message.timeout_s)
+        self.requests[request_id] = _Request(client, message.request_id, array, message.timeout_s,
+                                             threshold=message.threshold, min_threshold=message.min_threshold)  # fmt: skip
         self._by_client[client, message.request_id] = request_id
         if self.hooks.on_admit:
             self.hooks.on_admit(request_id, client)
@@ -117,6 +129,8 @@ class EngineCore:
     def step(self) -> float | None:
         """Schedule and run at most one batch. Returns 0 when more work is due now, else how long
         the loop may wait for input (None: until something arrives)."""
+        if self.slo is not None:
+            self._apply_slo()
         plan = self.scheduler.schedule()
         self._drop(plan)
         if plan.stage is not None:
@@ -126,6 +140,9 @@ class EngineCore:
             return 0.0
         if self.hooks.on_idle:
             self.hooks.on_idle(self.in_flight())
+        if self.slo is not None and self.scheduler.level < 1:  # wake up to raise the thresholds back
+            due = math.inf if plan.next_due_s is None else plan.next_due_s
+            return min(due, self.slo.config.up_interval_s)
         return plan.next_due_s
 
     def take_outbox(self) -> list[tuple[ClientId, Outbound]]:
@@ -181,6 +198,8 @@ class EngineCore:
         self.metrics.gmacs.inc(self.stage_gmacs[stage] * len(plan.request_ids))
         update = self.scheduler.update(plan, result.confidence)
         self.runner.carry(update.moved_on)
+        if self.slo is not None:
+            self.slo.observe(stage, len(plan.request_ids), result.compute_s, len(update.moved_on))
         finished = set(update.finished)
         for i, request_id in enumerate(plan.request_ids):
             request = self.requests.get(request_id)
@@ -190,7 +209,9 @@ class EngineCore:
             request.compute_s += result.compute_s
             request.confidences.append(result.confidence[i])
             if request_id in finished:
-                self._finish(request_id, stage, result.probabilities[i])
+                self._finish(request_id, stage, result.probabilities[i], plan.thresholds[i])
+            elif self.slo is not None:
+                request.probabilities = result.probabilities[i]  # an answer if the SLO cuts it short
 
     def _batch_raised(self, plan: SchedulePlan, error: Exception) -> None:
         stage = plan.stage
@@ -226,14 +247,38 @@ class EngineCore:
             self.scheduler.fail(sub_plan(plan, gone))  # all aborted: fails no one
         return sub_plan(plan, live)
 
-    def _finish(self, request_id: int, stage: int, probabilities: np.ndarray) -> None:
+    def _finish(self, request_id: int, stage: int, probabilities: np.ndarray, threshold: float,
+                cut_short: bool = False) -> None:  # fmt: skip
+        """Answer from ``stage`` with the effective ``threshold`` its exit was decided by. Degraded:
+        cut short by the SLO, or out before the last stage below the threshold it asked for."""
         request = self._forget(request_id)
         gmacs = self.exit_gmacs[stage]
         self.metrics.exits.labels(str(stage)).inc()
         self.metrics.request_gmacs.observe(gmacs)
+        last = stage == self.scheduler.config.num_stages - 1
+        lowered = not last and not exits_early(request.confidences[-1], request.threshold)
+        if cut_short or lowered:
+            self.metrics.degraded.labels("cut_short" if cut_short else "lowered").inc()
+        self.metrics.effective_threshold.observe(threshold)
         answer = Answer(request.client_request_id, stage, request.confidences,
-                        probabilities.tobytes(), request.queue_s, request.compute_s)  # float32 row  # fmt: skip
+                        probabilities.tobytes(), request.queue_s, request.compute_s,  # float32 row
+                        threshold, cut_short or lowered)  # fmt: skip
         self._reply(request, answer)
+
+    def _apply_slo(self) -> None:
+        """Before planning a batch: let the controller set the level from the queue depths, then
+        answer the later-stage requests that would miss the SLO from the stage they already ran."""
+        scheduler, stages = self.scheduler, self.scheduler.config.num_stages
+        depths = [scheduler.num_waiting(s) for s in range(stages)]
+        scheduler.set_level(self.slo.decide(depths))
+        self.metrics.threshold_level.set(scheduler.level)
+        for stage in range(1, stages):
+            overdue = self.slo.overdue(stage, scheduler.arrivals(stage), depths)
+            cut = scheduler.cut_short(stage, overdue) if overdue else ()
+            self.runner.release(cut)
+            for request_id in cut:
+                request = self.requests[request_id]
+                self._finish(request_id, stage - 1, request.probabilities, request.min_threshold, cut_short=True)
 
     def _fail_now(self, client: ClientId, client_request_id: int, kind: FailureKind, message: str) -> None:
         self._outbox.append((client, Failure(client_request_id, kind, message)))
@@ -370,6 +415,7 @@ def build_engine_core(settings, threads: int):
     from service.runner import StageRunner, resolve_device
     from service.scheduler import SchedulerConfig
     from service.served_model import ServedModel
+    from service.slo import SloConfig
 
     torch.set_num_threads(threads)
     device = resolve_device(settings.device)
@@ -386,7 +432,11 @@ def build_engine_core(settings, threads: int):
     runner = StageRunner(loaded.model, device, settings.autocast)
     runner.warm_up(config.max_batch_sizes)
     metrics = EngineMetrics(num_stages)
+    slo = None
+    if settings.latency_slo_ms is not None:
+        slo = SloController(SloConfig(slo_s=settings.latency_slo_ms / 1000, num_stages=num_stages))
+        metrics.latency_slo.set(settings.latency_slo_ms / 1000)
     core = EngineCore(Scheduler(config), runner, metrics, served.exit_gmacs, served.stage_gmacs,
-                      load_hooks(settings.engine_hooks))  # fmt: skip
+                      load_hooks(settings.engine_hooks), slo)  # fmt: skip
     log.info("engine core %d: %s on %s, %d torch threads", os.getpid(), settings.checkpoint.name, device, threads)
     return core, served

@@ -23,6 +23,8 @@ REJECTION_REASONS = (
     "unknown_parameter", "unauthorized", "unknown_model",
 )  # fmt: skip
 BATCH_FAILURE_CAUSES = ("out_of_memory", "error")
+DEGRADED_CAUSES = ("lowered", "cut_short")  # threshold lowered by load / answered from an earlier stage
+THRESHOLD_BUCKETS = tuple(round(0.1 * i, 1) for i in range(11))
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 GMACS_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 20, 50)
@@ -109,6 +111,26 @@ class EngineMetrics:
             "carried_requests", "Requests holding carried tokens on the device between stages.",
             namespace=ns, registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
+        self.degraded = Counter(
+            "degraded_answers", "Answers that left earlier than their requested threshold would have, "
+            "because of the latency SLO: its threshold lowered, or cut short before a later stage.",
+            ["cause"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.effective_threshold = Histogram(
+            "effective_threshold", "Exit threshold each answer was decided by (lowered under the latency SLO).",
+            namespace=ns, registry=r, buckets=THRESHOLD_BUCKETS,
+        )  # fmt: skip
+        self.threshold_level = Gauge(
+            "threshold_level", "Where the SLO controller sets thresholds: 1 as requested, 0 at each "
+            "request's floor.", namespace=ns, registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.latency_slo = Gauge(
+            "latency_slo_seconds", "The latency SLO the engine steers by (0: none).",
+            namespace=ns, registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.threshold_level.set(1)
+        for cause in DEGRADED_CAUSES:
+            self.degraded.labels(cause)
         for stage in map(str, range(num_stages)):
             for metric in (self.exits, self.queue_wait, self.batch_size, self.stage_compute):
                 metric.labels(stage)

@@ -143,7 +143,8 @@ async def classify_image(api: ApiState, image: np.ndarray, params: ClassifyParam
     preprocessed (C, H, W) float32 image to the engine core, await its answer, count it.
     Returns the answer and the seconds since the request began; raises ServiceError."""
     try:
-        result = await api.engine.classify(image, params.threshold, params.timeout_s)
+        waited_s = time.perf_counter() - params.started
+        result = await api.engine.classify(image, params.threshold, params.timeout_s, params.min_threshold, waited_s)
     except EngineError as e:
         raise from_engine(e, api.settings.retry_after_s) from None
     total_s = time.perf_counter() - params.started
@@ -181,7 +182,9 @@ def to_response(model: ServedModel, result: Answer, params: ClassifyParams, tota
         "stages_run": stage + 1,
         "heads_used": model.config.stages[stage],
         "gmacs": readable(model.exit_gmacs[stage]),
-        "threshold": params.threshold,
+        "threshold": params.threshold if result.threshold is None else result.threshold,
+        "requested_threshold": params.threshold,
+        "degraded": result.degraded,
         "timings": {
             "queue_ms": readable(1000 * result.queue_s),
             "compute_ms": readable(1000 * result.compute_s),

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from model.exit_rule import exits_early
+from service.slo import effective_threshold
 
 
 class QueueFull(Exception):
@@ -58,6 +59,10 @@ class Request:
     enqueued_at: float  # monotonic seconds it entered its current queue
     stage: int = 0
     status: RequestStatus = RequestStatus.WAITING
+    requested_threshold: float = 1.0  # what the client asked for; ``threshold`` is the effective one
+    min_threshold: float = 1.0  # the floor load may lower ``threshold`` to (the latency SLO)
+    arrived_at: float = 0.0  # monotonic seconds it reached the server (the API server, for an SLO)
+    confidence: float | None = None  # at the last stage it ran: may it leave there, if cut short?
 
 
 @dataclass(frozen=True)
@@ -92,19 +97,29 @@ class Scheduler:
     requests: dict[int, Request] = field(default_factory=dict)  # every live request, by id
     _queues: list[deque[Request]] = field(init=False)  # per stage, oldest first
     _aborted: list[int] = field(init=False, default_factory=list)  # for the next plan
+    level: float = field(init=False, default=1.0)  # thresholds between floors (0) and requested (1)
 
     def __post_init__(self):
         self._queues = [deque() for _ in range(self.config.num_stages)]
 
     # ------------------------------------------------------------------ called by request handlers
 
-    def add(self, request_id: int, threshold: float, deadline: float | None = None) -> None:
-        """Admit a new request into the first stage's queue; raises QueueFull when at capacity."""
+    def add(self, request_id: int, threshold: float, deadline: float | None = None,
+            min_threshold: float | None = None, arrived_at: float | None = None) -> None:  # fmt: skip
+        """Admit a new request into the first stage's queue; raises QueueFull when at capacity.
+
+        ``min_threshold`` (default: ``threshold``, never lowered) is the floor ``set_level`` may
+        lower the request's threshold to; it starts at the current level's threshold.
+        ``arrived_at`` (default: now) is when it reached the server, for the latency SLO."""
         if request_id in self.requests:
             raise ValueError(f"request {request_id} is already scheduled")
         if self.num_waiting() >= self.config.max_queue_size:
             raise QueueFull(f"{self.num_waiting()} requests waiting (max_queue_size)")
-        request = Request(request_id, threshold, deadline, enqueued_at=self.clock())
+        floor = threshold if min_threshold is None else min_threshold
+        now = self.clock()
+        request = Request(request_id, effective_threshold(threshold, floor, self.level), deadline,
+                          enqueued_at=now, requested_threshold=threshold, min_threshold=floor,
+                          arrived_at=now if arrived_at is None else arrived_at)  # fmt: skip
         self.requests[request_id] = request
         self._queues[0].append(request)
         self._check_invariants()
@@ -170,6 +185,8 @@ class Scheduler:
                 finished.append(request_id)
             else:
                 request.stage, request.enqueued_at = request.stage + 1, now
+                request.confidence = confidence
+                request.threshold = effective_threshold(request.requested_threshold, request.min_threshold, self.level)
                 request.status = RequestStatus.WAITING
                 self._queues[request.stage].append(request)
                 moved_on.append(request_id)
@@ -188,6 +205,37 @@ class Scheduler:
                 failed.append(request_id)
         self._check_invariants()
         return tuple(failed)
+
+    def set_level(self, level: float) -> None:
+        """The latency SLO controller moved: every waiting request (and every new one) gets the
+        threshold between its floor and its requested threshold this level sets. Running ones keep
+        theirs (the plan carries them)."""
+        if level == self.level:
+            return
+        self.level = level
+        for queue in self._queues:
+            for request in queue:
+                request.threshold = effective_threshold(request.requested_threshold, request.min_threshold, level)
+
+    def arrivals(self, stage: int) -> list[float]:
+        """When each request waiting in ``stage``'s queue reached the server, oldest in the queue first."""
+        return [r.arrived_at for r in self._queues[stage]]
+
+    def cut_short(self, stage: int, positions: Sequence[int]) -> tuple[int, ...]:
+        """Answer these waiting requests (positions in ``stage``'s queue, stage > 0) from the stage
+        they already ran instead of running them on: the SLO would be missed. A request whose
+        confidence there is below its floor stays. Returns the finished ids; the executor answers
+        them and frees their carried tokens."""
+        if stage == 0:
+            raise ValueError("stage 0 requests have no answer yet")
+        queue = self._queues[stage]
+        picked = [queue[p] for p in positions]
+        cut = [r for r in picked if exits_early(r.confidence, r.min_threshold)]
+        for request in cut:
+            queue.remove(request)
+            del self.requests[request.request_id]
+        self._check_invariants()
+        return tuple(r.request_id for r in cut)
 
     def num_waiting(self, stage: int | None = None) -> int:
         """Requests waiting in one stage's queue, or in all of them."""

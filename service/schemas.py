@@ -29,7 +29,14 @@ class Classification(BaseModel):
     stages_run: int
     heads_used: int = Field(description="attention heads per layer at the exit stage")
     gmacs: float = Field(description="compute spent on this image")
-    threshold: float = Field(description="exit threshold applied")
+    threshold: float = Field(
+        description="exit threshold applied: the requested one, or lower under load with latency_slo_ms"
+    )
+    requested_threshold: float = Field(description="the threshold asked for (or picked by target_accuracy)")
+    degraded: bool = Field(
+        description="load made this image leave earlier than requested_threshold would have: a lowered "
+        "threshold, or answered from an earlier stage to hold the latency SLO"
+    )
     timings: Timings
 
 

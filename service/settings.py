@@ -47,6 +47,16 @@ class Settings(BaseSettings):
     default_threshold: float = Field(
         0.8, ge=0.0, le=1.0, allow_inf_nan=False, description="exit threshold when a request gives none"
     )
+    latency_slo_ms: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="latency objective, arrival to answer; under load "
+        "the engine lowers thresholds (to each request's min_threshold) and answers requests waiting for "
+        "a later stage from the stage they ran, instead of queueing or refusing. Unset: off, thresholds "
+        "are never lowered",
+    )
+    min_threshold: float = Field(
+        0.0, ge=0.0, le=1.0, allow_inf_nan=False, description="with latency_slo_ms: the lowest threshold "
+        "load may lower a request to when it gives no min_threshold (0: as far as stage-1 answers)",
+    )
     default_top_k: int = Field(5, ge=1, description="top-k classes returned when a request gives none")
     max_batch_size: list[int] = Field(
         [32], description="max batch per stage: one value for all stages, or one per stage"

@@ -34,6 +34,8 @@ class Submit(msgspec.Struct, tag="submit", array_like=True):
     request_id: int  # unique within the sending API server
     threshold: float
     timeout_s: float  # the engine drops it once this has passed since arrival
+    min_threshold: float | None = None  # the floor a latency SLO may lower it to; None: never lowered
+    waited_s: float = 0.0  # spent in the API server before it was sent: a latency SLO counts it
 
 
 class Abort(msgspec.Struct, tag="abort", array_like=True):
@@ -59,6 +61,8 @@ class Answer(msgspec.Struct, tag="answer", array_like=True):
     probabilities: bytes  # float32 softmax over the classes at the exit stage
     queue_s: float  # summed over the stage queues it waited in
     compute_s: float  # summed over the batches it ran in
+    threshold: float | None = None  # effective threshold at its exit (lowered under a latency SLO)
+    degraded: bool = False  # load made it leave earlier than its requested threshold would have
 
 
 class Failure(msgspec.Struct, tag="failure", array_like=True):

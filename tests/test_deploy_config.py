@@ -253,6 +253,31 @@ def test_alerts_use_only_exported_metrics():
     assert not any(problems.values()), problems
 
 
+def test_degradation_alert_fires_only_when_sustained(tmp_path):
+    """promtool's rule unit test: a quarter of the answers degraded for 15 minutes fires; a burst of
+    10 minutes does not."""
+    shutil.copy(DOCKER / "prometheus" / "alerts.yml", tmp_path / "alerts.yml")
+    tests = {"rule_files": ["alerts.yml"], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [
+            {"series": 'thinkingvit_exits_total{job="thinkingvit", instance="a:8000", stage="0"}', "values": "0+600x41"},
+            {"series": 'thinkingvit_degraded_answers_total{job="thinkingvit", instance="a:8000", cause="lowered"}',
+             "values": "0x5 300+300x9 3000x5 3300+300x19"},  # half: 10 min, a pause, then 20 min
+        ],
+        "alert_rule_test": [
+            {"eval_time": "20m", "alertname": "ThinkingViTDegraded", "exp_alerts": []},  # the burst is over
+            {"eval_time": "40m", "alertname": "ThinkingViTDegraded", "exp_alerts": [{
+                "exp_labels": {"severity": "warning", "instance": "a:8000"},
+                "exp_annotations": {"summary": "a:8000 has answered over 25% of images early to hold its "
+                                               "latency SLO for 15 minutes: add replicas"}}]},
+        ],
+    }]}  # fmt: skip
+    (tmp_path / "test.yml").write_text(yaml.safe_dump(tests))
+    out = subprocess.run(["promtool", "test", "rules", str(tmp_path / "test.yml")], capture_output=True,
+                         text=True, check=False, cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 # ------------------------------------------------------------------------------------- grafana
 
 
@@ -287,6 +312,8 @@ def test_dashboard_shows_what_an_operator_needs():
     assert shown(series(m.queue_depth), "by (stage)")
     assert shown(series(m.gmacs, "_total")) and shown(series(m.request_gmacs, "_bucket"))
     assert shown(series(m.rejections, "_total"), "by (reason)")
+    assert shown(series(m.threshold_level)) and shown(series(m.degraded, "_total"), "by (cause)")
+    assert shown(series(m.effective_threshold, "_bucket"), "histogram_quantile(") and shown(series(m.latency_slo))
 
 
 def test_dashboard_is_provisioned_with_its_data_source():
