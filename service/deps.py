@@ -9,7 +9,7 @@ from __future__ import annotations
 import hmac
 import time
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -19,6 +19,7 @@ from service.errors import invalid, unauthorized
 from service.metrics import ApiMetrics
 from service.served_model import ServedModel
 from service.settings import Settings
+from service.transport import Explain
 
 
 @dataclass
@@ -64,6 +65,7 @@ class ClassifyParams:
     top_k: int
     timeout_s: float
     started: float  # perf_counter when the handler began: total_ms and the drain rule count from it
+    explain: Explain = Explain.NONE
 
 
 async def classify_params(
@@ -76,6 +78,11 @@ async def classify_params(
     timeout_ms: Annotated[
         float | None,
         Query(ge=1, allow_inf_nan=False, description="deadline in ms (>= 1); may only shorten the server's"),
+    ] = None,
+    explain: Annotated[
+        Literal["stages", "all"] | None,
+        Query(description="stages: also report every stage that ran; all: run every stage whatever "
+              "the threshold (costs the full model) and report each, with where it would have exited"),
     ] = None,
 ) -> ClassifyParams:
     started = time.perf_counter()
@@ -91,6 +98,7 @@ async def classify_params(
         top_k=min(num_classes, settings.default_top_k) if top_k is None else top_k,
         timeout_s=timeout_s,
         started=started,
+        explain=Explain.NONE if explain is None else Explain(explain),
     )
 
 

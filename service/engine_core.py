@@ -27,6 +27,7 @@ from service.scheduler import QueueFull, SchedulePlan, Scheduler
 from service.transport import (
     Abort,
     Answer,
+    Explain,
     Failure,
     FailureKind,
     Outbound,
@@ -62,6 +63,8 @@ class _Request:
     image: np.ndarray | None  # (C, H, W) float32 until stage 0 has run
     timeout_s: float
     confidences: list[float] = field(default_factory=list)  # one per stage run
+    explain: Explain = Explain.NONE
+    probabilities: list[np.ndarray] = field(default_factory=list)  # (classes,) per stage run, explain only
     queue_s: float = 0.0
     compute_s: float = 0.0
 
@@ -93,12 +96,13 @@ class EngineCore:
         request_id = next(self._ids)
         deadline = time.monotonic() + message.timeout_s
         try:
-            self.scheduler.add(request_id, message.threshold, deadline)
+            self.scheduler.add(request_id, message.threshold, deadline, run_all=message.explain is Explain.ALL)
         except QueueFull as e:
             self._fail_now(client, message.request_id, FailureKind.QUEUE_FULL, f"queue full: {e}")
             return
         array = np.frombuffer(image, dtype=np.float32).reshape(shape)  # (C, H, W), no copy
-        self.requests[request_id] = _Request(client, message.request_id, array, message.timeout_s)
+        self.requests[request_id] = _Request(client, message.request_id, array, message.timeout_s,
+                                             explain=message.explain)  # fmt: skip
         self._by_client[client, message.request_id] = request_id
         if self.hooks.on_admit:
             self.hooks.on_admit(request_id, client)
@@ -189,8 +193,10 @@ class EngineCore:
             request.image = None
             request.compute_s += result.compute_s
             request.confidences.append(result.confidence[i])
+            if request.explain is not Explain.NONE:
+                request.probabilities.append(result.probabilities[i])  # (classes,)
             if request_id in finished:
-                self._finish(request_id, stage, result.probabilities[i])
+                self._finish(request_id, update.exit_stages[request_id], result.probabilities[i])
 
     def _batch_raised(self, plan: SchedulePlan, error: Exception) -> None:
         stage = plan.stage
@@ -226,13 +232,17 @@ class EngineCore:
             self.scheduler.fail(sub_plan(plan, gone))  # all aborted: fails no one
         return sub_plan(plan, live)
 
-    def _finish(self, request_id: int, stage: int, probabilities: np.ndarray) -> None:
+    def _finish(self, request_id: int, exit_stage: int, probabilities: np.ndarray) -> None:
+        """Answer at ``exit_stage``; an explain=all request ran on past it, and paid for that."""
         request = self._forget(request_id)
-        gmacs = self.exit_gmacs[stage]
-        self.metrics.exits.labels(str(stage)).inc()
+        gmacs = self.exit_gmacs[len(request.confidences) - 1]  # the stages it actually ran
+        self.metrics.exits.labels(str(exit_stage)).inc()
         self.metrics.request_gmacs.observe(gmacs)
-        answer = Answer(request.client_request_id, stage, request.confidences,
-                        probabilities.tobytes(), request.queue_s, request.compute_s)  # float32 row  # fmt: skip
+        if request.explain is not Explain.NONE:
+            probabilities = request.probabilities[exit_stage]
+        answer = Answer(request.client_request_id, exit_stage, request.confidences,
+                        probabilities.tobytes(), request.queue_s, request.compute_s,  # float32 row
+                        [p.tobytes() for p in request.probabilities])  # fmt: skip
         self._reply(request, answer)
 
     def _fail_now(self, client: ClientId, client_request_id: int, kind: FailureKind, message: str) -> None:

@@ -20,7 +20,7 @@ from service.images import ImageError, decode_image
 from service.metrics import exposition
 from service.schemas import BatchResponse, Classification, ErrorResponse, ModelInfo
 from service.served_model import ServedModel, cheapest_threshold
-from service.transport import Answer
+from service.transport import Answer, Explain
 from service.uploads import Upload, read_uploads
 
 T = TypeVar("T")
@@ -131,7 +131,7 @@ async def answer(api: ApiState, upload: Upload, params: ClassifyParams) -> dict:
     except ImageError as e:
         raise invalid(422, "invalid_image", str(e)) from None
     try:
-        result = await api.engine.classify(image, params.threshold, params.timeout_s)
+        result = await api.engine.classify(image, params.threshold, params.timeout_s, params.explain)
     except EngineError as e:
         raise from_engine(e, api.settings.retry_after_s) from None
     total_s = time.perf_counter() - params.started
@@ -154,21 +154,24 @@ def check_admission(api: ApiState, params: ClassifyParams) -> None:
 
 
 def to_response(model: ServedModel, result: Answer, params: ClassifyParams, total_s: float) -> dict:
-    """The Classification body as plain data, numbers rounded to what a person reads."""
-    names = model.class_names
+    """The Classification body as plain data, numbers rounded to what a person reads.
+
+    The answer is the exit stage's; ``stages_run`` and ``gmacs`` count what ran, which is more
+    than the exit stage only with explain=all. Without explain the body has no ``explain`` key.
+    """
     probs = np.frombuffer(result.probabilities, dtype=np.float32)
-    best = np.argsort(-probs, kind="stable")[: params.top_k].tolist()  # ties: the lower index first
-    stage = result.exit_stage
-    return {
-        "label": names[best[0]],
-        "class_index": best[0],
-        "confidence": readable(result.confidences[-1]),
+    top = top_classes(model.class_names, probs, params.top_k)
+    stage, ran = result.exit_stage, len(result.confidences)
+    body = {
+        "label": top[0]["label"],
+        "class_index": top[0]["class_index"],
+        "confidence": readable(result.confidences[stage]),
         "stage_confidences": [readable(c) for c in result.confidences],
-        "top_k": [{"label": names[i], "class_index": i, "probability": readable(probs[i])} for i in best],
+        "top_k": top,
         "exit_stage": stage,
-        "stages_run": stage + 1,
+        "stages_run": ran,
         "heads_used": model.config.stages[stage],
-        "gmacs": readable(model.exit_gmacs[stage]),
+        "gmacs": readable(model.exit_gmacs[ran - 1]),
         "threshold": params.threshold,
         "timings": {
             "queue_ms": readable(1000 * result.queue_s),
@@ -176,6 +179,31 @@ def to_response(model: ServedModel, result: Answer, params: ClassifyParams, tota
             "total_ms": readable(1000 * total_s),
         },
     }
+    if params.explain is not Explain.NONE:
+        body["explain"] = explanation(model, result, params)
+    return body
+
+
+def explanation(model: ServedModel, result: Answer, params: ClassifyParams) -> dict:
+    """Every stage that ran: its top-k, confidence and heads, and whether the image left there."""
+    stages = []
+    for s, (confidence, row) in enumerate(zip(result.confidences, result.stage_probabilities)):
+        probs = np.frombuffer(row, dtype=np.float32)
+        stages.append({
+            "stage": s,
+            "heads": model.config.stages[s],
+            "confidence": readable(confidence),
+            "top_k": top_classes(model.class_names, probs, params.top_k),
+            "exit": s == result.exit_stage,
+            "exit_gmacs": readable(model.exit_gmacs[s]),
+        })  # fmt: skip
+    return {"mode": params.explain.value, "stages": stages, "full_gmacs": readable(model.exit_gmacs[-1])}
+
+
+def top_classes(names: list[str], probs: np.ndarray, k: int) -> list[dict]:
+    """The k most probable classes of a (classes,) softmax; ties: the lower index first."""
+    best = np.argsort(-probs, kind="stable")[:k].tolist()
+    return [{"label": names[i], "class_index": i, "probability": readable(probs[i])} for i in best]
 
 
 def readable(x: float) -> float:

@@ -28,12 +28,21 @@ class FailureKind(enum.Enum):
 # ----------------------------------------------------------------------- API server -> engine
 
 
+class Explain(enum.Enum):
+    """What a request asks the engine to report besides its answer (the ``explain`` parameter)."""
+
+    NONE = "none"  # the answer only
+    STAGES = "stages"  # also the softmax of every stage that ran
+    ALL = "all"  # run every stage whatever the threshold (the full model's cost) and report each
+
+
 class Submit(msgspec.Struct, tag="submit", array_like=True):
     """A new request; the image follows as a second frame, float32 (C, H, W) in C order."""
 
     request_id: int  # unique within the sending API server
     threshold: float
     timeout_s: float  # the engine drops it once this has passed since arrival
+    explain: Explain = Explain.NONE
 
 
 class Abort(msgspec.Struct, tag="abort", array_like=True):
@@ -59,6 +68,7 @@ class Answer(msgspec.Struct, tag="answer", array_like=True):
     probabilities: bytes  # float32 softmax over the classes at the exit stage
     queue_s: float  # summed over the stage queues it waited in
     compute_s: float  # summed over the batches it ran in
+    stage_probabilities: list[bytes] = []  # with explain only: float32 softmax at every stage that ran
 
 
 class Failure(msgspec.Struct, tag="failure", array_like=True):
