@@ -98,7 +98,7 @@ def difference(new: Snapshot, old: Snapshot) -> dict:
             {"stage": s, "count": int(c), "share": round(c / answered, 4) if answered else None}
             for s, c in enumerate(exits)
         ],
-        "gmacs_per_request": round((new.gmacs_sum - old.gmacs_sum) / answered, 5) if answered else None,
+        "gmacs_per_request": float(f"{(new.gmacs_sum - old.gmacs_sum) / answered:.4g}") if answered else None,
         "latency_ms": {
             name: None if value is None else round(1000 * value, 2) for name, value in zip(("p50", "p99"), ms)
         },

@@ -169,3 +169,21 @@ def test_with_a_token_the_page_asks_for_it_and_never_embeds_it(tiny_checkpoint, 
         expect(page.locator("#label")).to_have_text(re.compile("|".join(TINY_CLASSES)))
     finally:
         assert server.stop() == 0
+
+
+def test_live_route_counts_this_servers_answers(tiny_checkpoint, tmp_path, test_images):
+    server = launch_server(log_dir=tmp_path, checkpoint=tiny_checkpoint)
+    try:
+        for image in test_images[:3]:
+            response = httpx.post(f"{server.url}/classify", params={"threshold": 0}, files={"file": ("x.png", image)})
+            assert response.status_code == 200
+        live = httpx.get(f"{server.url}/v1/live").json()
+        assert live["requests"] == 3 and live["requests_per_s"] > 0
+        assert [e["count"] for e in live["exits"]] == [3, 0] and live["exits"][0]["share"] == 1.0
+        assert live["latency_ms"]["p50"] > 0 and live["latency_ms"]["p99"] >= live["latency_ms"]["p50"]
+        model = httpx.get(f"{server.url}/v1/model").json()
+        assert live["full_gmacs"] == model["stages"][-1]["exit_gmacs"]
+        assert live["gmacs_per_request"] == pytest.approx(model["stages"][0]["exit_gmacs"], rel=1e-3)
+        assert live["token_required"] is False
+    finally:
+        assert server.stop() == 0
