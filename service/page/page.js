@@ -11,6 +11,7 @@ const state = {
   model: null, // GET /v1/model
   image: null, // the Blob being classified
   imageName: "image",
+  truth: null, // the true label of a sample image
   token: sessionStorage.getItem(TOKEN_KEY),
   busy: false, // a classify request is in flight
   again: false, // the threshold or image changed meanwhile: classify once more when it ends
@@ -59,9 +60,10 @@ function askForToken(message) {
 
 // ------------------------------------------------------------------------------ one image
 
-function setImage(blob, name) {
+function setImage(blob, name, truth = null) {
   state.image = blob;
   state.imageName = name || "image";
+  state.truth = truth;
   const preview = $("preview");
   if (preview.src) URL.revokeObjectURL(preview.src);
   preview.src = URL.createObjectURL(blob);
@@ -86,7 +88,8 @@ async function classify() {
   try {
     const body = await post(`classify?threshold=${threshold}&explain=${explain}&top_k=${topK}`, form);
     showAnswer(body);
-    $("status").textContent = `${state.imageName} at threshold ${threshold.toFixed(2)}`;
+    const truth = state.truth ? ` (true label: ${state.truth})` : "";
+    $("status").textContent = `${state.imageName}${truth} at threshold ${threshold.toFixed(2)}`;
   } catch (error) {
     $("answer").hidden = true;
     $("status").textContent = String(error.message || error);
@@ -254,7 +257,7 @@ async function loadSamples() {
     button.addEventListener("click", async () => {
       document.querySelectorAll(".sample.selected").forEach((b) => b.classList.remove("selected"));
       button.classList.add("selected");
-      setImage(await (await fetch(`page/samples/${s.file}`)).blob(), s.file);
+      setImage(await (await fetch(`page/samples/${s.file}`)).blob(), s.file, s.label);
     });
     return button;
   });
