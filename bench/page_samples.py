@@ -2,11 +2,11 @@
 
     python -m bench.page_samples
 
-Runs the shipped model's first stage over the first 2,000 Fashion-MNIST test images and keeps a
-dozen: six it is sure of after a glance (easy: they exit at stage 1 under the default threshold)
-and six it is unsure of (hard: they go on to stage 2), each from a different class where it can.
+Runs the shipped model's first stage (stage 0) over the first 2,000 Fashion-MNIST test images and keeps a
+dozen: six it is sure of after a glance (easy: they exit at stage 0 under the default threshold)
+and six it is unsure of (hard: they go on to stage 1), each from a different class where it can.
 They go to ``service/page/samples/`` as 28x28 grayscale PNGs with ``samples.json`` (file, true
-label, stage-1 confidence, easy or hard). Needs Debian's ``dataset-fashion-mnist``.
+label, stage-0 confidence, easy or hard). Needs Debian's ``dataset-fashion-mnist``.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def main() -> int:
             name = f"fmnist-test-{i:04d}.png"
             Image.fromarray(data.images[i, 0].numpy()).save(OUT / name, optimize=True)
             samples.append({"file": name, "label": data.class_names[labels[i]], "test_index": i,
-                            "stage1_confidence": round(conf[i], 4), "kind": kind})  # fmt: skip
+                            "first_stage_confidence": round(conf[i], 4), "kind": kind})  # fmt: skip
     (OUT / "samples.json").write_text(json.dumps({"threshold": threshold, "samples": samples}, indent=1) + "\n")
     print(f"{len(samples)} samples in {OUT} (default threshold {threshold})")
     return 0

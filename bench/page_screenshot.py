@@ -4,7 +4,7 @@
 
 Starts ``thinkingvit serve`` with the shipped model on a free loopback port, sends the page's
 sample images through the API (so the live panel has figures), opens the page, classifies an
-easy sample with ``explain=all`` (it leaves after stage 1; stage 2's answer is shown too) and saves
+easy sample with ``explain=all`` (it leaves after stage 0; stage 1's answer is shown too) and saves
 the page, with the samples in the batch view below. Development time only, like bench.page_samples.
 """
 

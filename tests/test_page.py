@@ -82,7 +82,7 @@ def test_uploaded_png_shows_label_and_exit_stage(server, page, png, test_images)
     api = httpx.post(f"{server.url}/classify", params={"threshold": threshold},
                      files={"file": ("shirt.png", test_images[0], "image/png")}).json()  # fmt: skip
     expect(page.locator("#label")).to_have_text(api["label"])
-    expect(page.locator("#exit-stage")).to_have_text(str(api["exit_stage"] + 1))
+    expect(page.locator("#exit-stage")).to_have_text(str(api["exit_stage"]))
     expect(page.locator(f"#stage-{api['exit_stage']}")).to_have_class(re.compile(r"\bexit\b"))
     expect(page.locator("#stage-0 .bars > span:not(.p)")).to_have_count(5)  # top-5 bars
     expect(page.locator("#compute")).to_contain_text("GMACs")
@@ -95,13 +95,13 @@ def test_threshold_slider_moves_the_exit(server, page, png):
     slider = page.locator("#threshold")
     slider.fill("0")
     expect(page.locator("#status")).to_contain_text("threshold 0.00")
-    expect(page.locator("#exit-stage")).to_have_text("1")
+    expect(page.locator("#exit-stage")).to_have_text("0")
     expect(page.locator("#stage-0")).to_have_class(re.compile(r"\bexit\b"))
     expect(page.locator("#stage-1")).to_have_class(re.compile(r"\bafter\b"))  # explain=all: still shown
     expect(page.locator("#compute")).to_contain_text("% saved")
     slider.fill("1")
     expect(page.locator("#status")).to_contain_text("threshold 1.00")
-    expect(page.locator("#exit-stage")).to_have_text("2")
+    expect(page.locator("#exit-stage")).to_have_text("1")
     expect(page.locator("#stage-1")).to_have_class(re.compile(r"\bexit\b"))
     expect(page.locator("#compute")).to_contain_text("0 % saved")
 
@@ -111,7 +111,7 @@ def test_stage_not_run_without_explain_all(server, page, png):
     page.locator("#explain-all").uncheck()
     page.locator("#threshold").fill("0")
     page.locator("#file-input").set_input_files(png)
-    expect(page.locator("#exit-stage")).to_have_text("1")
+    expect(page.locator("#exit-stage")).to_have_text("0")
     expect(page.locator("#stage-1")).to_have_class(re.compile(r"\bskipped\b"))
     expect(page.locator("#stage-1")).to_contain_text("Not run")
 
@@ -145,8 +145,8 @@ def test_zip_in_the_batch_view_is_sorted_and_marks_early_exits(server, page, tmp
     page.locator("#zip-input").set_input_files(archive)
     tiles = page.locator("#batch-grid .tile")
     expect(tiles).to_have_count(5)
-    expect(page.locator("#batch-grid .tile.early")).to_have_count(5)  # threshold 0: all leave at stage 1
-    first = [float(re.search(r"conf₁ ([\d.]+)", t).group(1)) for t in tiles.all_inner_texts()]
+    expect(page.locator("#batch-grid .tile.early")).to_have_count(5)  # threshold 0: all leave at stage 0
+    first = [float(re.search(r"conf₀ ([\d.]+)", t).group(1)) for t in tiles.all_inner_texts()]
     assert first == sorted(first, reverse=True)
 
 

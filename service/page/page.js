@@ -110,8 +110,8 @@ function showAnswer(body) {
   const explained = body.explain.stages;
   $("status").className = "muted";
   $("label").textContent = body.label;
-  $("exit-stage").textContent = body.exit_stage + 1;
-  $("num-stages").textContent = stages.length;
+  $("exit-stage").textContent = body.exit_stage; // numbered from 0, as in the API
+  $("last-stage").textContent = last;
   const exitGmacs = explained[body.exit_stage].exit_gmacs;
   const full = body.explain.full_gmacs;
   let compute = `${fmtGmacs(exitGmacs)} of ${fmtGmacs(full)} GMACs, ${Math.round(100 * (1 - exitGmacs / full))} % saved`;
@@ -130,17 +130,17 @@ function changedLine(body, last) {
   if (body.exit_stage === last) return "It needed every stage: no stage before the last reached the threshold.";
   if (explained.length <= last) return "Tick the explain=all box to see what the later stages would have said.";
   const final = explained[last].top_k[0].label;
-  if (final === body.label) return `Stage ${last + 1} would have said ${final} too: stopping early kept the answer.`;
-  return `Stage ${last + 1} would have said ${final}: stopping early changed the answer.`;
+  if (final === body.label) return `Stage ${last} would have said ${final} too: stopping early kept the answer.`;
+  return `Stage ${last} would have said ${final}: stopping early changed the answer.`;
 }
 
 function stageCard(stage, s, body, explained) {
   const card = el("div", { class: "stage", id: `stage-${s}`, "data-stage": s });
-  const title = el("h3", {}, `Stage ${s + 1}`, el("span", { class: "muted" }, `${stage.heads} heads per layer · ${fmtGmacs(stage.exit_gmacs)} GMACs to here`));
+  const title = el("h3", {}, `Stage ${s}`, el("span", { class: "muted" }, `${stage.heads} heads per layer · ${fmtGmacs(stage.exit_gmacs)} GMACs to here`));
   card.append(title);
   if (!explained) {
     card.classList.add("skipped");
-    card.append(el("p", {}, `Not run: stage ${body.exit_stage + 1} was confident enough.`));
+    card.append(el("p", {}, `Not run: stage ${body.exit_stage} was confident enough.`));
     return card;
   }
   if (s === body.exit_stage) {
@@ -184,8 +184,8 @@ async function refreshLive() {
 function showLive(live) {
   $("live-window").textContent = live.window_s >= 290 ? "(last 5 min)" : `(last ${Math.round(live.window_s)} s)`;
   const segments = live.exits.filter((e) => e.share).map((e) =>
-    el("div", { style: `width:${100 * e.share}%;background:var(--stage${e.stage % 4})`, title: `stage ${e.stage + 1}: ${e.count}` },
-      `stage ${e.stage + 1}: ${pct(e.share)}`));
+    el("div", { style: `width:${100 * e.share}%;background:var(--stage${e.stage % 4})`, title: `stage ${e.stage}: ${e.count}` },
+      `stage ${e.stage}: ${pct(e.share)}`));
   $("live-exits").replaceChildren(...segments);
   $("live-rps").textContent = live.requests_per_s.toFixed(2);
   $("live-p50").textContent = live.latency_ms.p50 == null ? "–" : `${live.latency_ms.p50} ms`;
@@ -231,7 +231,7 @@ function showBatch(results, threshold) {
     const res = r.result;
     return el("div", { class: `tile${res.exit_stage < last ? " early" : ""}`, title: r.name, "data-exit-stage": res.exit_stage },
       img, el("div", { class: "name" }, res.label),
-      el("div", { class: "muted" }, `conf₁ ${first(r).toFixed(2)} · stage ${res.exit_stage + 1}`));
+      el("div", { class: "muted" }, `conf₀ ${first(r).toFixed(2)} · stage ${res.exit_stage}`));
   });
   $("batch-grid").replaceChildren(...tiles);
 }
@@ -252,7 +252,7 @@ async function loadSamples() {
   const { samples } = await (await fetch("page/samples/samples.json")).json();
   const buttons = samples.map((s) => {
     const button = el("button", { class: `sample ${s.kind}`, type: "button", "data-file": s.file,
-      title: `${s.label}: stage-1 confidence ${s.stage1_confidence} (${s.kind})` },
+      title: `${s.label}: stage-0 confidence ${s.first_stage_confidence} (${s.kind})` },
       el("img", { src: `page/samples/${s.file}`, alt: `${s.label} (${s.kind})` }), el("span", { class: "kind" }, s.kind));
     button.addEventListener("click", async () => {
       document.querySelectorAll(".sample.selected").forEach((b) => b.classList.remove("selected"));
