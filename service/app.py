@@ -43,7 +43,7 @@ def create_app(settings: Settings, model: ServedModel, device: str, engine_addre
         redoc_url=None,
     )
     mount_offline_docs(app)
-    mount_page(app, model.num_stages)  # GET / and GET /v1/live
+    mount_page(app)  # GET / and GET /v1/live
     app.state.api = ApiState(settings, model, device)
     # With a token set, the classify routes require it (and the OpenAPI schema says so);
     # the model, health and metrics routes stay open for probes and scrapers.

@@ -107,13 +107,15 @@ def difference(new: Snapshot, old: Snapshot) -> dict:
 
 @dataclass
 class LiveWindow:
-    """One API server's recent snapshots; the first is the (all-zero) start of the server."""
+    """One API server's recent snapshots; the first is all zeros, at ``started`` (when the API
+    server started: the counters count from about then)."""
 
     num_stages: int
+    started: float  # monotonic seconds
     snapshots: deque[Snapshot] = field(default_factory=deque)
 
     def __post_init__(self):
-        self.snapshots.append(Snapshot(at=time.monotonic(), exits=(0.0,) * self.num_stages))
+        self.snapshots.append(Snapshot(at=self.started, exits=(0.0,) * self.num_stages))
 
     def summary(self, now: Snapshot) -> dict:
         """Figures since the oldest snapshot at most WINDOW_S old (or the server's start)."""

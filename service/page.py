@@ -9,6 +9,7 @@ a page. ``create_app`` calls ``mount_page``.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
@@ -33,15 +34,18 @@ async def page() -> FileResponse:
 async def live(api: ApiDep, request: Request) -> dict:
     """Requests/s, exit shares, compute per request and p50 / p99 latency over the last minutes
     (see ``service.live``), from the server's own metrics; and whether classify needs a token."""
-    window: LiveWindow = request.app.state.live
-    summary = window.summary(read_snapshot(api.model.num_stages))
+    state = request.app.state
+    if state.live is None:  # at the first call: create_app may run without a model (schema tools)
+        state.live = LiveWindow(api.model.num_stages, started=state.live_started)
+    summary = state.live.summary(read_snapshot(api.model.num_stages))
     return summary | {
         "full_gmacs": api.model.exit_gmacs[-1],
         "token_required": api.settings.api_token is not None,
     }
 
 
-def mount_page(app: FastAPI, num_stages: int) -> None:
-    app.state.live = LiveWindow(num_stages)
+def mount_page(app: FastAPI) -> None:
+    app.state.live = None  # the LiveWindow of this API server, made at the first GET /v1/live
+    app.state.live_started = time.monotonic()
     app.mount(PAGE_URL, StaticFiles(directory=PAGE_DIR), name="page")
     app.include_router(page_router)

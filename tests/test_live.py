@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections import deque
 
 import pytest
 
@@ -42,8 +41,7 @@ def test_empty_window_has_no_shares_or_latencies():
 
 
 def test_window_keeps_one_snapshot_at_its_start_and_forgets_older_ones():
-    window = LiveWindow(2)
-    window.snapshots = deque([Snapshot(at=0.0, exits=(0, 0))])
+    window = LiveWindow(2, started=0.0)
     for t in range(0, 1000, 1):  # one call a second
         window.summary(Snapshot(at=float(t), ok=t, exits=(t, 0)))
     ats = [s.at for s in window.snapshots]
