@@ -68,6 +68,7 @@ def test_page_loads_from_the_server_alone(server, page):
     expect(page.locator("#model-line")).to_contain_text("tiny.safetensors: 2 stages")
     expect(page.locator(".sample")).to_have_count(12)
     expect(page.locator("#token-box")).to_be_hidden()  # this server has no token
+    expect(page.locator("#preview")).to_be_hidden()  # no image yet
     expect(page.locator(".sample img").first).to_have_js_property("complete", True)
     assert set(origins) == {server.url}  # no CDN, nothing from elsewhere
     assert httpx.get(server.url + "/").headers["content-type"].startswith("text/html")
