@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -35,6 +34,8 @@ import torch
 from PIL import Image
 
 from bench.limit import StageTimer, analytic_limit, scrape
+from bench.loadgen import BOUNDARY, multipart
+from bench.machine import machine_name
 from bench.servers import SystemSpec, python_command, start
 from bench.serving import elastic_threshold, png
 from model.checkpoint import load_checkpoint
@@ -42,7 +43,6 @@ from model.data import load_fashion_mnist
 from model.preprocess import preprocess_image
 from service.settings import DEFAULT_CHECKPOINT
 
-BOUNDARY = "thinkingvitbenchboundary"
 LUA = """
 local bodies, n = {}, 0
 for line in io.lines("%(list)s") do
@@ -61,9 +61,7 @@ def multipart_bodies(pngs: list[bytes], folder: Path) -> Path:
     paths = []
     for i, data in enumerate(pngs):
         path = folder / f"body-{i}.bin"
-        head = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="{i}.png"\r\n'
-                "Content-Type: image/png\r\n\r\n").encode()  # fmt: skip
-        path.write_bytes(head + data + f"\r\n--{BOUNDARY}--\r\n".encode())
+        path.write_bytes(multipart([data], "file"))
         paths.append(str(path))
     listing = folder / "bodies.txt"
     listing.write_text("\n".join(paths) + "\n")
@@ -173,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "front_end_over_floor": front_ms / results["floor"]["cpu_ms_per_request"],
     }
     print("goals:", json.dumps(results["goals"], indent=2))
-    out = Path(args.out) / f"{datetime.now(UTC):%Y-%m-%d}-cpu-{len(os.sched_getaffinity(0))}core-engine-core.json"
+    out = Path(args.out) / f"{datetime.now(UTC):%Y-%m-%d}-{machine_name('cpu')}-engine-core.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     print("wrote", out)
     shutil.rmtree(work, ignore_errors=True)

@@ -14,19 +14,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
-import re
 import statistics
 import time
 import warnings
-from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from bench.machine import describe, package_version
 from kernels.attention import qkv_views, sdpa_attention, sliced_attention
 from model.thinkingvit import ThinkingViTConfig, create_model, get_config
 
@@ -197,7 +194,7 @@ def to_markdown(result: dict) -> str:
     lines = [
         f"# Sliced-head attention benchmark: {meta['machine']}",
         "",
-        f"{meta['device']}; torch {meta['torch']}, triton {meta['triton']}; {meta['dtype']}; "
+        f"{meta['device']} ({meta['cpu']}, {meta['cores']} cores); torch {meta['torch']}, triton {meta['triton']}; {meta['dtype']}; "
         f"preset {meta['preset']}; {meta['date']}. Median per call; CUDA times use "
         "`triton.testing.do_bench` (L2 flushed between calls).",
         "",
@@ -231,18 +228,6 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _version(package: str) -> str:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "not installed"
-
-
-def machine_name(device: torch.device) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="deit-s-3-6")
@@ -265,14 +250,11 @@ def main(argv=None) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # CPU bf16 GEMMs crawl
     args.iters = args.iters or (2 if args.smoke or device.type == "cpu" else 4)
     warnings.filterwarnings("ignore", message=".*(kernel|Flash|Memory efficient|cuDNN).*")
-    meta = {
-        "machine": args.machine or machine_name(device),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+    meta = describe(device, args.machine) | {
         "torch": torch.__version__,
-        "triton": _version("triton"),
+        "triton": package_version("triton"),
         "dtype": str(dtype).removeprefix("torch."),
         "preset": args.preset,
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     torch.manual_seed(0)
     cfg = SMOKE if args.smoke else get_config(args.preset)

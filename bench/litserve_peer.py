@@ -4,7 +4,7 @@ from __future__ import annotations
 import litserve as ls
 import torch
 
-from bench.peers import decode, full_model, load
+from bench.peer_model import decode, full_model, load
 
 
 class ThinkingViTFull(ls.LitAPI):

@@ -96,100 +96,86 @@ def headline(result: dict) -> str:
                       "", peers_table(result), "", goals_table(result)])
 
 
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table: the header row, its separator, one line per row of cells."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
 def threshold_table(rows: list[dict], title: str) -> str:
-    lines = [
-        (
-            f"| threshold ({title}) | accuracy % (calibration) | exit share s0 / s1 | GMACs / image | images/s | "
-            "p50 / p95 / p99 ms | analytic limit images/s | served / limit |"
-        ),
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    header = [f"threshold ({title})", "accuracy % (calibration)", "exit share s0 / s1", "GMACs / image", "images/s",
+              "p50 / p95 / p99 ms", "analytic limit images/s", "served / limit"]  # fmt: skip
+    cells = []
     for r in rows:
         lat, share = r["latency_ms"], r.get("exit_share", [math.nan, math.nan])
-        lines.append(
-            f"| {r['threshold']:g} | {_f(r['accuracy'], '.2f')} ({_f(r.get('calibrated_accuracy'), '.2f')}) | "
-            f"{_f(share[0], '.2f')} / {_f(share[1], '.2f')} | "
-            f"{_f(r.get('gmacs_per_image'), '.4f')} | {_f(r['images_per_s'])} | "
-            f"{_f(lat['p50'], '.1f')} / {_f(lat['p95'], '.1f')} / {_f(lat['p99'], '.1f')} | "
-            f"{_f(r['limit']['images_per_s'])} | {_f(r['limit']['served_over_limit'], '.2f')} |"
-        )
-    return "\n".join(lines)
+        cells.append([
+            f"{r['threshold']:g}", f"{_f(r['accuracy'], '.2f')} ({_f(r.get('calibrated_accuracy'), '.2f')})",
+            f"{_f(share[0], '.2f')} / {_f(share[1], '.2f')}", _f(r.get("gmacs_per_image"), ".4f"),
+            _f(r["images_per_s"]), f"{_f(lat['p50'], '.1f')} / {_f(lat['p95'], '.1f')} / {_f(lat['p99'], '.1f')}",
+            _f(r["limit"]["images_per_s"]), _f(r["limit"]["served_over_limit"], ".2f"),
+        ])  # fmt: skip
+    return table(header, cells)
 
 
 def peers_table(result: dict) -> str:
     ours = result["systems"][elastic_name(result)]["peak"]["images_per_s"]
-    lines = [
-        (
-            "| system (single-image requests) | accuracy % | peak images/s (at clients) | p50 / p99 ms at peak | "
-            f"{elastic_name(result)} / system |"
-        ),
-        "|---|---|---|---|---|",
-    ]
-    for name, s in result["systems"].items():
-        p = s["peak"]
-        lines.append(
-            f"| {name} | {_f(p['accuracy'], '.2f')} | {_f(p['images_per_s'])} ({p['concurrency']}) | "
-            f"{_f(p['latency_ms']['p50'], '.1f')} / {_f(p['latency_ms']['p99'], '.1f')} | {_f(ratio(ours, p['images_per_s']), '.2f')} |"
-        )
-    return "\n".join(lines)
+    header = ["system (single-image requests)", "accuracy %", "peak images/s (at clients)", "p50 / p99 ms at peak",
+              f"{elastic_name(result)} / system"]  # fmt: skip
+    cells = [
+        [name, _f(p["accuracy"], ".2f"), f"{_f(p['images_per_s'])} ({p['concurrency']})",
+         f"{_f(p['latency_ms']['p50'], '.1f')} / {_f(p['latency_ms']['p99'], '.1f')}",
+         _f(ratio(ours, p["images_per_s"]), ".2f")]
+        for name, p in ((name, s["peak"]) for name, s in result["systems"].items())
+    ]  # fmt: skip
+    return table(header, cells)
 
 
 def goals_table(result: dict) -> str:
-    lines = ["| goal (issue #7) | target | measured | |", "|---|---|---|---|"]
-    for g in result["goals"]:
-        if g["target"] is None:
-            continue
-        sign = "<=" if g["goal"] == "p99_over_p50" else ">="
-        lines.append(f"| {g['what']} | {sign} {g['target']:g} | {_f(g['value'], '.2f')} | {_met(g['met'])} |")
-    return "\n".join(lines)
+    cells = [
+        [g["what"], f"{'<=' if g['goal'] == 'p99_over_p50' else '>='} {g['target']:g}", _f(g["value"], ".2f"), _met(g["met"])]
+        for g in result["goals"] if g["target"] is not None
+    ]  # fmt: skip
+    return table(["goal (issue #7)", "target", "measured", ""], cells)
 
 
 def sweep_table(result: dict) -> str:
     concurrencies = sorted({p["concurrency"] for s in result["systems"].values() for p in s["sweep"]})
-    lines = ["| system | " + " | ".join(f"c={c}" for c in concurrencies) + " |",
-             "|---|" + "---|" * len(concurrencies)]
+    cells = []
     for name, s in result["systems"].items():
         by_c = {p["concurrency"]: p for p in s["sweep"]}
-        cells = [
+        cells.append([name] + [
             f"{_f(by_c[c]['images_per_s'])} / {_f(by_c[c]['latency_ms']['p50'], '.1f')} / "
             f"{_f(by_c[c]['latency_ms']['p99'], '.1f')}" if c in by_c else "–"
             for c in concurrencies
-        ]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        ])  # fmt: skip
+    return table(["system"] + [f"c={c}" for c in concurrencies], cells)
 
 
 def open_loop_table(result: dict) -> str:
-    lines = ["| system | offered req/s | served images/s | p50 ms | p99 ms | p99 / p50 | errors | client CPU (cores) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name, s in result["systems"].items():
-        o = s["open_loop"]
-        lines.append(
-            f"| {name} | {_f(o['offered_rate'])} | {_f(o['images_per_s'])} | {_f(o['latency_ms']['p50'], '.1f')} | "
-            f"{_f(o['latency_ms']['p99'], '.1f')} | {_f(o['p99_over_p50'], '.2f')} | "
-            f"{sum(o['errors'].values()) + o['dropped']} | {_f(o['client_cpu_cores'], '.2f')} |"
-        )
-    return "\n".join(lines)
+    header = ["system", "offered req/s", "served images/s", "p50 ms", "p99 ms", "p99 / p50", "errors",
+              "client CPU (cores)"]  # fmt: skip
+    cells = [
+        [name, _f(o["offered_rate"]), _f(o["images_per_s"]), _f(o["latency_ms"]["p50"], ".1f"),
+         _f(o["latency_ms"]["p99"], ".1f"), _f(o["p99_over_p50"], ".2f"), str(sum(o["errors"].values()) + o["dropped"]),
+         _f(o["client_cpu_cores"], ".2f")]
+        for name, o in ((name, s["open_loop"]) for name, s in result["systems"].items())
+    ]  # fmt: skip
+    return table(header, cells)
 
 
 def server_table(rows: list[dict]) -> str:
-    header = (
-        "| threshold | mean batch s0 / s1 | r | in-server compute ms/image s0 / s1 | "
-        "offline t1 / t2 ms/image (threads) | CPU cores: client / server / other processes |"
-    )
-    lines = [header, "|---|---|---|---|---|---|"]
+    header = ["threshold", "mean batch s0 / s1", "r", "in-server compute ms/image s0 / s1",
+              "offline t1 / t2 ms/image (threads)", "CPU cores: client / server / other processes"]  # fmt: skip
+    cells = []
     for r in rows:
-        s0, s1 = r["server"]["stages"]
-        lim = r["limit"]
-        lines.append(
-            f"| {r['threshold']:g} | {_f(s0['mean_batch'], '.1f')} / {_f(s1['mean_batch'], '.1f')} | "
-            f"{_f(r['server']['r'], '.3f')} | {_f(s0['compute_ms_per_image'], '.3f')} / "
-            f"{_f(s1['compute_ms_per_image'], '.3f')} | {_f(lim['t1_ms'], '.3f')} / {_f(lim['t2_ms'], '.3f')} "
-            f"({lim['torch_threads']}) | "
-            f"{_f(r['client_cpu_cores'], '.2f')} / {_f(r['server_cpu_cores'], '.2f')} / "
-            f"{_f(r.get('other_cpu_cores'), '.2f')} |"
-        )
-    return "\n".join(lines)
+        (s0, s1), lim = r["server"]["stages"], r["limit"]
+        cells.append([
+            f"{r['threshold']:g}", f"{_f(s0['mean_batch'], '.1f')} / {_f(s1['mean_batch'], '.1f')}",
+            _f(r["server"]["r"], ".3f"), f"{_f(s0['compute_ms_per_image'], '.3f')} / {_f(s1['compute_ms_per_image'], '.3f')}",
+            f"{_f(lim['t1_ms'], '.3f')} / {_f(lim['t2_ms'], '.3f')} ({lim['torch_threads']})",
+            f"{_f(r['client_cpu_cores'], '.2f')} / {_f(r['server_cpu_cores'], '.2f')} / {_f(r.get('other_cpu_cores'), '.2f')}",
+        ])  # fmt: skip
+    return table(header, cells)
 
 
 def settings_section(result: dict) -> str:

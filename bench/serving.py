@@ -19,14 +19,11 @@ import argparse
 import importlib.util
 import logging
 import math
-import os
-import platform
 import shlex
 import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -35,7 +32,7 @@ import torch
 from bench import report
 from bench.limit import StageTimer, analytic_limit, scrape, server_stats
 from bench.loadgen import LoadGenerator, Workload
-from bench.options import add_arguments
+from bench.machine import describe, package_version
 from bench.servers import (
     RunningServer,
     SystemSpec,
@@ -227,7 +224,7 @@ def litserve_spec(ctx: Context, max_batch: int, timeout_ms: float, workers: int,
     return SystemSpec(
         f"litserve-b{max_batch}-{timeout_ms:g}ms-w{workers}-t{threads}",
         python_command("-m", "bench.peers", "litserve", *flags), "/health",
-        {"system": f"LitServe {_version('litserve')}", "max_batch_size": max_batch,
+        {"system": f"LitServe {package_version('litserve')}", "max_batch_size": max_batch,
          "batch_timeout_ms": timeout_ms, "workers_per_device": workers, "torch_threads": threads,
          "num_api_servers": 1, "fast_queue": False, "device": ctx.device},
         server_env(threads),
@@ -361,7 +358,7 @@ def add_limits(ctx: Context, ours: dict) -> dict:
     """In-process per-stage timings at the batch sizes each run saw, for every torch thread count
     tried; a row's limit is the best over thread counts (what the machine can do offline)."""
     from model.checkpoint import load_checkpoint
-    from model.train import normalise
+    from model.preprocess import normalise
 
     loaded = load_checkpoint(ctx.checkpoint, device=ctx.device)
     loaded.model.set_attention_backend("auto")
@@ -417,16 +414,10 @@ def metadata(ctx: Context, started: float, result_rows: list[dict]) -> dict:
     from model.checkpoint import read_metadata
 
     meta = read_metadata(ctx.checkpoint)
-    return {
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": ctx.args.machine or machine_name(ctx.device),
-        "cpu": _cpu_model(),
-        "cores": os.cpu_count(),
-        "device": torch.cuda.get_device_name(0) if ctx.device.startswith("cuda") else "cpu",
+    return describe(ctx.device, ctx.args.machine) | {
         "default_torch_threads": ctx.threads,
         "max_other_cpu_cores": max_other_load(result_rows),
-        "python": platform.python_version(),
-        "versions": {p: _version(p) for p in ("torch", "fastapi", "starlette", "uvicorn", "httpx", "litserve",
+        "versions": {p: package_version(p) for p in ("torch", "fastapi", "starlette", "uvicorn", "httpx", "litserve",
                                               "uvloop", "httptools", "pydantic")},
         "uvicorn_loop_http": f"{'uvloop' if _has('uvloop') else 'asyncio'} + "
                              f"{'httptools' if _has('httptools') else 'h11'} (uvicorn 'auto', every server)",
@@ -449,35 +440,6 @@ def _shown_path(path: Path) -> str:
         return str(path.resolve().relative_to(Path(__file__).resolve().parents[1]))
     except ValueError:
         return str(path)
-
-
-def machine_name(device: str) -> str:
-    import re
-
-    if device.startswith("cuda"):
-        name = torch.cuda.get_device_name(0)
-    else:
-        name = f"cpu-{os.cpu_count()}core"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "not installed"
 
 
 def _has(module: str) -> bool:
@@ -519,9 +481,23 @@ def elastic_threshold(checkpoint: Path) -> tuple[float, str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """``python -m bench``'s options (``thinkingvit bench`` passes its arguments through to it)."""
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
+    p.add_argument("--checkpoint", help="model to serve (default: the shipped model)")
+    p.add_argument("--preset", help="serve random weights of this preset (e.g. deit-s-3-6) instead of a checkpoint")
+    p.add_argument("--synthetic", action="store_true", help="random images at the model's size, random labels")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N], for every server and the offline timings")
+    p.add_argument("--smoke", action="store_true", help="tiny counts (and a tiny random model unless --preset/--checkpoint): checks the harness runs")
+    p.add_argument("--no-litserve", action="store_true", help="leave LitServe out")
+    p.add_argument("--machine", help="name in the result files (default: cpu-<N>core or the GPU's name)")
+    p.add_argument("--out", type=Path, help="results folder (default: bench/results; --smoke: a temporary one)")
+    p.add_argument("--keep-logs", action="store_true",
+                   help="keep the temporary folder of server logs after a successful run (a failed run always keeps it)")
+    p.add_argument("--concurrency", type=int, help="closed-loop clients of the per-threshold runs")
+    p.add_argument("--measure-s", type=float, help="seconds measured per threshold run")
+    p.add_argument("--serve-args", default="",
+                   help="extra flags for our server, e.g. '--api-servers 8 --max-batch-size 128' (recorded)")
     return p.parse_args(argv)
 
 

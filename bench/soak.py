@@ -37,7 +37,8 @@ from pathlib import Path
 
 import httpx
 
-BOUNDARY = "thinkingvit-soak"
+from bench.loadgen import CONTENT_TYPE, multipart, percentile
+
 THRESHOLDS = (0.0, 0.5, 0.8, 0.95, 1.0)
 OUTCOMES = ("ok", "invalid", "rejected", "timeout", "cancelled", "error")
 
@@ -74,19 +75,14 @@ class SoakReport:
         hidden = ("latencies_ok_s", "send_lag_s", "statuses", "server_before")
         out = {k: v for k, v in asdict(self).items() if k not in hidden}
         out["statuses"] = dict(sorted(self.statuses.items()))
-        out |= {"p50_ms": percentile_ms(self.latencies_ok_s, 0.50), "p99_ms": percentile_ms(self.latencies_ok_s, 0.99)}
-        out["send_lag_p99_ms"] = percentile_ms(self.send_lag_s, 0.99)  # the client keeping up?
+        out |= {"p50_ms": percentile_ms(self.latencies_ok_s, 50), "p99_ms": percentile_ms(self.latencies_ok_s, 99)}
+        out["send_lag_p99_ms"] = percentile_ms(self.send_lag_s, 99)  # the client keeping up?
         return out
 
 
-def percentile_ms(values: list[float], q: float) -> float | None:
-    values = sorted(values)
-    return 1000 * values[min(len(values) - 1, int(q * len(values)))] if values else None
-
-
-def multipart(image: bytes) -> bytes:
-    head = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n'
-    return head.encode() + b"Content-Type: image/png\r\n\r\n" + image + f"\r\n--{BOUNDARY}--\r\n".encode()
+def percentile_ms(seconds: list[float], q: float) -> float | None:
+    """The load generator's percentile, in ms; None (JSON null, not NaN) when there is none."""
+    return 1000 * percentile(sorted(seconds), q) if seconds else None
 
 
 class Soak:
@@ -94,7 +90,7 @@ class Soak:
 
     def __init__(self, url: str, images: list[bytes], config: SoakConfig = SoakConfig()):
         self.url, self.config = url, config
-        self.bodies = [multipart(image) for image in images]
+        self.bodies = [multipart([image], "file") for image in images]
         self.rng = random.Random(config.seed)
         host, port = re.match(r"http://([^:/]+):(\d+)", url).groups()
         self.host, self.port = host, int(port)
@@ -169,7 +165,7 @@ class Soak:
     async def post(self, client: httpx.AsyncClient, threshold: float, timeout_ms: float | None) -> httpx.Response:
         params = {"threshold": threshold} | ({"timeout_ms": timeout_ms} if timeout_ms else {})
         body = self.rng.choice(self.bodies)
-        headers = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
+        headers = {"content-type": CONTENT_TYPE}
         return await client.post("/classify", params=params, content=body, headers=headers)
 
     async def hang_up(self, threshold: float, after_s: float, report: SoakReport) -> None:
@@ -178,7 +174,7 @@ class Soak:
         body = self.rng.choice(self.bodies)
         head = (
             f"POST /classify?threshold={threshold} HTTP/1.1\r\nHost: {self.host}\r\n"
-            f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n"
+            f"Content-Type: {CONTENT_TYPE}\r\nContent-Length: {len(body)}\r\n"
             "Connection: close\r\n\r\n"
         )
         try:

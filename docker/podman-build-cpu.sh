@@ -31,7 +31,7 @@ PIP_CERT_FILE=${PIP_CERT_FILE:-$(python3 -m pip config get global.cert 2>/dev/nu
 context=$(mktemp -d "${TMPDIR:-/tmp}/thinkingvit-context.XXXXXX")
 trap 'rm -rf "$context"' EXIT
 tar -C "$ROOT" --exclude=__pycache__ --exclude='*.pyc' -cf - \
-    pyproject.toml README.md model kernels bench service docker/Dockerfile docker/healthcheck.py docker/local/README.md \
+    pyproject.toml README.md model kernels service docker/Dockerfile docker/healthcheck.py docker/local/README.md \
     | tar -C "$context" -xf -
 ln "$TORCH_WHEEL" "$context/docker/local/" 2>/dev/null || cp "$TORCH_WHEEL" "$context/docker/local/"
 cp "$PIP_CERT_FILE" "$context/docker/local/ca-certificates.crt"

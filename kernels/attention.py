@@ -34,9 +34,6 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-TRITON_HEAD_DIMS = (16, 32, 64)  # head sizes the Triton kernel is built for
-
-
 def resolve_backend(
     backend: str | None, device: torch.device, head_dim: int | None = None, needs_grad: bool = False
 ) -> str:
@@ -50,10 +47,11 @@ def resolve_backend(
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}: expected one of {BACKENDS}")
     if backend == "auto":
-        supported = head_dim is None or head_dim in TRITON_HEAD_DIMS
-        if device.type == "cuda" and supported and not needs_grad and _triton_available():
-            return "triton"
-        return "sdpa"
+        if device.type != "cuda" or needs_grad:
+            return "sdpa"
+        kernel = _triton_kernel()
+        supported = kernel is not None and (head_dim is None or head_dim in kernel.HEAD_DIMS)
+        return "triton" if supported else "sdpa"
     if backend == "triton" and needs_grad:
         raise RuntimeError(
             "attention backend 'triton' is forward-only and cannot train: use 'sdpa' or 'auto' "
@@ -67,12 +65,15 @@ def resolve_backend(
     return backend
 
 
-def _triton_available() -> bool:
+def _triton_kernel():
+    """The Triton kernel's module (it owns its head sizes), or None when triton is missing or
+    broken: SDPA still serves. Imported here, on first use, so that importing this module never
+    imports triton; the kernel module does not import this one."""
     try:
-        import kernels.triton_attention  # noqa: F401
-    except Exception:  # triton missing or broken: SDPA still serves
-        return False
-    return True
+        import kernels.triton_attention as triton_attention
+    except Exception:
+        return None
+    return triton_attention
 
 
 LAYOUTS = ("head_major", "qkv_major")

@@ -21,10 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention import TRITON_HEAD_DIMS
-
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"  # fixed when the kernel is decorated
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+HEAD_DIMS = (16, 32, 64)  # head sizes the kernel is built for (kernels.attention's auto falls back to SDPA otherwise)
 TAIL_N = 16  # narrowest key tile tl.dot accepts: the masked tail wastes at most 15 columns
 LOG2E = 1.4426950408889634
 
@@ -140,8 +139,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor)
     if q.dim() != 4 or q.stride(-1) != 1:
         raise ValueError(f"q, k, v must be (B, N, k, hd) with unit head_dim stride, got {q.stride()}")
     B, N, H, hd = q.shape
-    if hd not in TRITON_HEAD_DIMS:
-        raise ValueError(f"head_dim {hd} not supported; expected one of {TRITON_HEAD_DIMS}")
+    if hd not in HEAD_DIMS:
+        raise ValueError(f"head_dim {hd} not supported; expected one of {HEAD_DIMS}")
     if q.dtype not in DTYPES or not (q.dtype == k.dtype == v.dtype == out.dtype):
         raise ValueError(f"q, k, v, out must share one of {DTYPES}, got {q.dtype}, {out.dtype}")
     if out.shape != (B, N, H * hd) or out.stride(-1) != 1:

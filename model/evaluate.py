@@ -17,9 +17,8 @@ from model.calibration import cheapest_row, percent_to_fraction
 from model.compute import cumulative_gmacs
 from model.data import ImageDataset
 from model.inference import adaptive_inference
-from model.preprocess import Preprocess
+from model.preprocess import Preprocess, normalise
 from model.thinkingvit import ThinkingViT, confidence, exits_early
-from model.train import normalise
 
 FINE_THRESHOLDS = (0.9, 0.92, 0.94, 0.96, 0.97, 0.98, 0.99, 0.995, 0.999)
 ACCURACY_TOLERANCE_PP = 0.3  # "as good as the full model" when within this many points

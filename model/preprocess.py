@@ -1,10 +1,15 @@
-"""Preprocessing as data (stored in checkpoint metadata) plus the one function that applies it."""
+"""Preprocessing as data (stored in checkpoint metadata) plus the functions that apply it: to a
+decoded image (serving) and to a batch already at the model's size (training, the sweep)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:  # annotations only: the API server processes that decode uploads never import torch
+    import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -60,8 +65,18 @@ def preprocess_array(image: Image.Image, cfg: Preprocess) -> np.ndarray:
     return np.ascontiguousarray(((array - mean) * inv_std).transpose(2, 0, 1))  # (C, size, size)
 
 
-def preprocess_image(image: Image.Image, cfg: Preprocess) -> "torch.Tensor":
+def preprocess_image(image: Image.Image, cfg: Preprocess) -> torch.Tensor:
     """The same as :func:`preprocess_array`, as a torch tensor (C, size, size)."""
     import torch
 
     return torch.from_numpy(preprocess_array(image, cfg))
+
+
+def normalise(images_u8: torch.Tensor, cfg: Preprocess) -> torch.Tensor:
+    """A uint8 batch already at the model's size (B, C, H, W) -> normalised float32 (B, C, H, W):
+    :func:`preprocess_array`'s last step for a whole dataset tensor (training, the sweep). The
+    constants come from the batch (``new_tensor``), so this module still imports no torch."""
+    x = images_u8.float() / 255.0  # (B, C, H, W) in [0, 1]
+    mean = x.new_tensor(cfg.mean).view(1, -1, 1, 1)  # (1, C, 1, 1)
+    std = x.new_tensor(cfg.std).view(1, -1, 1, 1)  # (1, C, 1, 1)
+    return (x - mean) / std

@@ -24,15 +24,9 @@ from tqdm import tqdm
 
 from model.checkpoint import build_metadata, save_checkpoint
 from model.data import ImageDataset
-from model.preprocess import Preprocess
+from model.preprocess import Preprocess, normalise
 from model.thinkingvit import ThinkingViT, create_model
 from model.train_settings import TrainSettings
-
-
-def normalise(images_u8: torch.Tensor, pre: Preprocess) -> torch.Tensor:
-    mean = torch.tensor(pre.mean).view(1, -1, 1, 1)
-    std = torch.tensor(pre.std).view(1, -1, 1, 1)
-    return (images_u8.float() / 255.0 - mean) / std
 
 
 def augment(x: torch.Tensor, s: TrainSettings, gen: torch.Generator) -> torch.Tensor:

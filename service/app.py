@@ -26,7 +26,7 @@ from service.engine_client import EngineClient
 from service.errors import ServiceError, invalid
 from service.images import pillow_pixel_limit
 from service.page import mount_page
-from service.routes import UNAUTHORIZED, classify_router, health_router, model_router
+from service.routes import CLASSIFY_TAG, UNAUTHORIZED, classify_router, health_router, model_router
 from service.served_model import ServedModel
 from service.settings import Settings
 
@@ -81,8 +81,16 @@ def error_response(error: ServiceError) -> JSONResponse:
 
 
 async def service_error(request: Request, error: ServiceError) -> JSONResponse:
-    request.app.state.api.metrics.record_failure(error.outcome, error.reason)
+    if classifies(request):  # a bad /v1/model parameter is not a failed classification
+        request.app.state.api.metrics.record_failure(error.outcome, error.reason)
     return error_response(error)
+
+
+def classifies(request: Request) -> bool:
+    """Whether the request was routed to a classification route (tagged "classify"), the only
+    requests that ``thinkingvit_requests_total`` counts."""
+    route = request.scope.get("route")
+    return CLASSIFY_TAG in getattr(route, "tags", ())
 
 
 async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:

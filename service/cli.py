@@ -168,10 +168,24 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench(args) -> int:
-    from bench.serving import run
+    """``python -m bench ARGS`` in this process's place: the benchmark harness lives in a source
+    checkout (bench/, not installed), so the serving package never imports it; its own parser reads
+    the arguments, ``--help`` included."""
+    import os
 
-    run(args)
-    return 0
+    os.execv(sys.executable, bench_command(args.bench_args))
+
+
+def bench_command(bench_args: list[str], folder: str | None = None) -> list[str]:
+    """The command that runs the benchmark from ``folder`` (default: the current one), or a
+    UsageError saying where it can run: ``python -m`` finds ``bench`` in that folder or on sys.path."""
+    import os
+    from importlib.machinery import PathFinder
+
+    if PathFinder.find_spec("bench", [folder or os.getcwd(), *sys.path]) is None:
+        raise UsageError("the benchmark runs from a source checkout (bench/ is not installed): "
+                         "run it in the repository's folder")
+    return [sys.executable, "-m", "bench", *bench_args]
 
 
 def cmd_classify(args) -> int:
@@ -257,12 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each answer")
     p.set_defaults(func=cmd_classify)
 
-    try:  # the bench package ships with the repo; an install without it still serves
-        from bench.options import add_arguments as add_bench_arguments
-    except ImportError:
-        return parser
-    p = sub.add_parser("bench", help="serving benchmark: thresholds, analytic limit, peers (docs/benchmarks.md)")
-    add_bench_arguments(p)
+    # Its arguments pass through untouched to python -m bench (parse_args below), which owns them.
+    p = sub.add_parser("bench", add_help=False,
+                       help="serving benchmark from a source checkout, = python -m bench (docs/benchmarks.md)")
     p.set_defaults(func=cmd_bench)
     return parser
 
@@ -278,8 +289,20 @@ def is_user_error(error: BaseException) -> bool:
     return isinstance(error, tuple(kinds))
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command's arguments; ``bench`` keeps everything after it (``args.bench_args``), since
+    its options belong to the harness, which this package does not import."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -7,11 +7,15 @@ those thread hops cost more than the work they do. Nothing here blocks.
 from __future__ import annotations
 
 import hmac
+import math
 import time
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
-from fastapi import Depends, Query, Request
+import msgspec
+from msgspec import Meta
+
+from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.engine_client import EngineClient
@@ -20,6 +24,8 @@ from service.metrics import ApiMetrics
 from service.served_model import ServedModel
 from service.settings import Settings
 from service.transport import Explain
+
+Q = TypeVar("Q", bound=msgspec.Struct)
 
 
 @dataclass
@@ -68,38 +74,89 @@ class ClassifyParams:
     explain: Explain = Explain.NONE
 
 
-async def classify_params(
-    request: Request,
-    threshold: Annotated[
-        float | None,
-        Query(ge=0, le=1, allow_inf_nan=False, description="exit threshold; default: the server's"),
-    ] = None,
-    top_k: Annotated[int | None, Query(ge=1, description="classes to return; default: the server's")] = None,
+class ClassifyQuery(msgspec.Struct, forbid_unknown_fields=True):
+    """The classify routes' query parameters, declared once for parsing, validation and the OpenAPI
+    schema (``openapi_parameters``).
+
+    msgspec parses them in microseconds; FastAPI's dependency solving of the same three ``Query``
+    parameters cost about 130 µs of CPU per request, a tenth of the API server's whole budget.
+    """
+
+    threshold: Annotated[float, Meta(ge=0, le=1, description="exit threshold; default: the server's")] | None = None
+    top_k: Annotated[int, Meta(ge=1, description="classes to return; default: the server's")] | None = None
     timeout_ms: Annotated[
-        float | None,
-        Query(ge=1, allow_inf_nan=False, description="deadline in ms (>= 1); may only shorten the server's"),
-    ] = None,
+        float, Meta(ge=1, description="deadline in ms (>= 1); may only shorten the server's")
+    ] | None = None  # fmt: skip
     explain: Annotated[
-        Literal["stages", "all"] | None,
-        Query(description="stages: also report every stage that ran; all: run every stage whatever "
-              "the threshold (costs the full model) and report each, with where it would have exited"),
-    ] = None,
-) -> ClassifyParams:
+        Literal["stages", "all"],
+        Meta(description="stages: also report every stage that ran; all: run every stage whatever the "
+             "threshold (costs the full model) and report each, with where it would have exited"),
+    ] | None = None  # fmt: skip
+
+    def __post_init__(self) -> None:
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{name}: must be a finite number")
+
+
+def parse_query(request: Request, query_type: type[Q]) -> Q:
+    """The request's query string as ``query_type``; 422 naming unknown or invalid parameters.
+
+    A misspelt parameter (?treshold=0.5) is refused rather than silently answered at the default.
+    """
+    given = request.query_params
+    known = query_type.__struct_fields__
+    if unknown := sorted(set(given) - set(known)):
+        listed = ", ".join(sorted(known))
+        raise invalid(422, "unknown_parameter", f"unknown query parameter {', '.join(unknown)}; known: {listed}")
+    try:
+        return msgspec.convert(dict(given), query_type, strict=False)
+    except msgspec.ValidationError as e:
+        raise invalid(422, "invalid_parameter", validation_message(str(e))) from None
+
+
+TYPE_WORDS = {"`float | null`": "a number", "`int | null`": "an integer", "`float`": "a number", "`int`": "an integer"}
+
+
+def validation_message(text: str) -> str:
+    """msgspec's "Expected `int` >= 1 - at `$.top_k`" as "top_k: expected an integer >= 1"."""
+    for code, words in TYPE_WORDS.items():
+        text = text.replace(code, words)
+    if " - at `$." not in text:
+        return text
+    message, _, where = text.rpartition(" - at `$.")
+    return f"{where.rstrip('`')}: {message[:1].lower()}{message[1:]}"
+
+
+def openapi_parameters(query_type: type[msgspec.Struct]) -> list[dict]:
+    """OpenAPI ``parameters`` for a query Struct, from msgspec's own JSON schema of it."""
+    (definition,) = msgspec.json.schema_components([query_type])[1].values()
+    parameters = []
+    for name, schema in definition["properties"].items():
+        branch = next(s for s in schema.get("anyOf", [schema]) if s.get("type") != "null")
+        described = {k: v for k, v in branch.items() if k != "description"}
+        parameters.append({"name": name, "in": "query", "required": name in definition.get("required", ()),
+                           "description": branch.get("description", ""), "schema": described})  # fmt: skip
+    return parameters
+
+
+def classify_params(request: Request) -> ClassifyParams:
+    """The classify routes' parameters with the server's defaults filled in (called by the route
+    itself: no FastAPI dependency, see ``ClassifyQuery``)."""
     started = time.perf_counter()
+    query = parse_query(request, ClassifyQuery)
     api: ApiState = request.app.state.api
     settings, num_classes = api.settings, api.model.config.num_classes
-    if top_k is not None and top_k > num_classes:
+    if query.top_k is not None and query.top_k > num_classes:
         raise invalid(422, "invalid_parameter", f"top_k: must be <= {num_classes}, the number of classes")
     timeout_s = settings.request_timeout_s
-    if timeout_ms is not None:
-        timeout_s = min(timeout_s, timeout_ms / 1000)
+    if query.timeout_ms is not None:
+        timeout_s = min(timeout_s, query.timeout_ms / 1000)
     return ClassifyParams(
-        threshold=settings.default_threshold if threshold is None else threshold,
-        top_k=min(num_classes, settings.default_top_k) if top_k is None else top_k,
+        threshold=settings.default_threshold if query.threshold is None else query.threshold,
+        top_k=min(num_classes, settings.default_top_k) if query.top_k is None else query.top_k,
         timeout_s=timeout_s,
         started=started,
-        explain=Explain.NONE if explain is None else Explain(explain),
+        explain=Explain.NONE if query.explain is None else Explain(query.explain),
     )
-
-
-ParamsDep = Annotated[ClassifyParams, Depends(classify_params)]

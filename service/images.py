@@ -33,6 +33,24 @@ def pillow_pixel_limit(max_pixels: int) -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = saved
 
 
+# The leading bytes of each format in FORMATS, to tell an image from other bytes sent without an
+# image/* content type (curl --data-binary, many HTTP libraries: application/octet-stream or none).
+MAGIC_NUMBERS = {
+    "PNG": (b"\x89PNG\r\n\x1a\n",),
+    "JPEG": (b"\xff\xd8\xff",),
+    "GIF": (b"GIF87a", b"GIF89a"),
+    "TIFF": (b"II*\x00", b"MM\x00*"),
+    "BMP": (b"BM",),
+}
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The format in FORMATS these bytes start like, or None."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for name, magics in MAGIC_NUMBERS.items() if data.startswith(magics)), None)
+
+
 class ImageError(ValueError):
     """The upload is not a usable image; the message says why."""
 

@@ -20,6 +20,7 @@ OUTCOMES = ("ok", "invalid", "rejected", "timeout", "cancelled", "error")
 REJECTION_REASONS = (
     "queue_full", "draining", "not_ready",  # capacity: 429, 503
     "body_too_large", "unsupported_media_type", "invalid_body", "invalid_image", "invalid_parameter",
+    "unknown_parameter",
     "unauthorized",
 )  # fmt: skip
 BATCH_FAILURE_CAUSES = ("out_of_memory", "error")

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from msgspec.json import encode as json_encode
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.deps import ApiDep, ApiState, ClassifyParams, ParamsDep
+from service.deps import ApiDep, ApiState, ClassifyParams, ClassifyQuery, classify_params, openapi_parameters
 from service.engine_client import EngineError
 from service.errors import ServiceError, client_gone, from_engine, invalid, refused
 from service.images import ImageError, decode_image
@@ -77,7 +77,9 @@ BATCH_BODY = {
     }
 }
 
-classify_router = APIRouter(tags=["classify"])
+CLASSIFY_TAG = "classify"  # the routes whose requests the metrics count
+QUERY = {"parameters": openapi_parameters(ClassifyQuery)}
+classify_router = APIRouter(tags=[CLASSIFY_TAG])
 model_router = APIRouter(tags=["model"])
 health_router = APIRouter(tags=["health"])
 
@@ -86,10 +88,11 @@ health_router = APIRouter(tags=["health"])
 
 
 @classify_router.post(
-    "/classify", response_model=Classification, responses=CLASSIFY_ERRORS, openapi_extra=IMAGE_BODY
+    "/classify", response_model=Classification, responses=CLASSIFY_ERRORS, openapi_extra=IMAGE_BODY | QUERY
 )
-async def classify(request: Request, params: ParamsDep) -> Response:
+async def classify(request: Request) -> Response:
     """Classify one image: a multipart part `file` or a raw image/* body."""
+    params = classify_params(request)
     api: ApiState = request.app.state.api
     (upload,) = await read_uploads(request, api.settings.max_body_bytes, max_files=1, raw_allowed=True)
     result = await until_disconnect(request, answer(api, upload, params))
@@ -97,10 +100,11 @@ async def classify(request: Request, params: ParamsDep) -> Response:
 
 
 @classify_router.post(
-    "/classify/batch", response_model=BatchResponse, responses=BATCH_ERRORS, openapi_extra=BATCH_BODY
+    "/classify/batch", response_model=BatchResponse, responses=BATCH_ERRORS, openapi_extra=BATCH_BODY | QUERY
 )
-async def classify_batch(request: Request, params: ParamsDep) -> Response:
+async def classify_batch(request: Request) -> Response:
     """Classify several images (every file part, in order); each is answered independently."""
+    params = classify_params(request)
     api: ApiState = request.app.state.api
     uploads = await read_uploads(
         request, api.settings.max_body_bytes, max_files=api.settings.max_batch_images, raw_allowed=False

@@ -11,8 +11,10 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from service.errors import client_gone, invalid
+from service.images import FORMATS, sniff_format
 
 MULTIPART = "multipart/form-data"
+UNTYPED = ("application/octet-stream", "")  # raw bodies whose bytes say whether they are an image
 
 
 @dataclass(frozen=True)
@@ -44,12 +46,19 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 async def read_uploads(request: Request, limit: int, max_files: int, raw_allowed: bool) -> list[Upload]:
-    """Every file part of a multipart body, in order; or, if ``raw_allowed``, an image/* body."""
+    """Every file part of a multipart body, in order; or, if ``raw_allowed``, a raw image body:
+    typed image/*, or untyped (octet-stream or no content type) with an image format's leading bytes."""
     media = media_type(request)
     if media == MULTIPART:
         return await _read_multipart(request, limit, max_files)
     if raw_allowed and media.startswith("image/"):
         return [Upload(await read_body(request, limit))]
+    if raw_allowed and media in UNTYPED:
+        body = await read_body(request, limit)
+        if sniff_format(body) is not None:
+            return [Upload(body)]
+        raise invalid(415, "unsupported_media_type", f"the {media or 'untyped'} body is not an image in a format "
+                      f"the server reads ({', '.join(FORMATS)}); send multipart/form-data or image/*")  # fmt: skip
     expected = (
         "multipart/form-data with a 'file' part, or an image/* body"
         if raw_allowed

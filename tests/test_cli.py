@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import pathlib
 import subprocess
 import sys
@@ -108,3 +109,59 @@ def test_bugs_keep_their_traceback(monkeypatch):
     monkeypatch.setattr(service.cli, "cmd_info", broken)
     with pytest.raises(ZeroDivisionError):
         main(["info", "anything"])
+
+
+# ------------------------------------------------------------------------------ bench, not a dependency
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+NOT_INSTALLED = ("bench", "tools")  # run from a checkout; the serving package must not need them
+
+
+def test_no_service_module_imports_the_benchmark_or_the_tools():
+    """Read, not run: lazy imports inside functions count too."""
+    for path in sorted((ROOT / "service").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            assert not [n for n in names if n.split(".")[0] in NOT_INSTALLED], f"{path}:{node.lineno}"
+
+
+def test_the_serving_package_loads_no_benchmark_module():
+    """Every service module imported and the CLI's parser built, in a fresh process (no other
+    test's imports count): no module of bench/ or tools/ is loaded."""
+    code = (
+        "import importlib, pkgutil, sys\nimport service\n"
+        "for m in pkgutil.walk_packages(service.__path__, 'service.'):\n    importlib.import_module(m.name)\n"
+        "from service.cli import build_parser\nbuild_parser()\n"
+        f"loaded = sorted(m for m in sys.modules if m.split('.')[0] in {NOT_INSTALLED!r})\n"
+        "assert not loaded, loaded\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_bench_hands_its_arguments_to_the_harness():
+    """``thinkingvit bench`` is ``python -m bench``: the harness's own parser answers, --help included."""
+    done = subprocess.run([sys.executable, "-m", "service.cli", "bench", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "usage: python -m bench" in done.stdout
+    assert "--smoke" in done.stdout and "--serve-args" in done.stdout
+
+
+def test_bench_outside_a_checkout_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # a folder with no bench/, and no checkout on sys.path
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if not (pathlib.Path(p or ".").resolve() / "bench").is_dir()])
+    code, err = run_main(capsys, ["bench", "--smoke"])
+    assert code == 2
+    assert_one_line_error(err, "thinkingvit bench:", "source checkout")
+
+
+def test_other_commands_still_refuse_unknown_arguments(capsys):
+    with pytest.raises(SystemExit) as raised:
+        main(["classify", "x.png", "--bogus"])
+    assert raised.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err

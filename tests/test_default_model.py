@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.ship_default_model import CHECK_SUBSET, DEFAULT_MODEL, subset_figures
+from tools.ship_default_model import CHECK_SUBSET, DEFAULT_MODEL, subset_figures
 from model.checkpoint import load_checkpoint
 from model.compute import expected_gmacs
 

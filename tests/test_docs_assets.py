@@ -46,3 +46,10 @@ def test_swagger_ui_supports_openapi_3_1(app):
     (bundle,) = get_all(app, ["/docs-assets/swagger-ui-bundle.js"])
     version = re.search(r'PACKAGE_VERSION:"(\d+)\.', bundle.text)
     assert version and int(version.group(1)) >= 5
+
+
+def test_openapi_descriptions_are_markdown_not_rst(app):
+    """Swagger UI renders descriptions as Markdown: a docstring's RST ``code`` would show its backticks."""
+    (schema,) = get_all(app, ["/openapi.json"])
+    assert "``" not in schema.text
+    assert "`file`" in schema.json()["paths"]["/classify"]["post"]["description"]

@@ -70,3 +70,10 @@ def test_ci_runs_exactly_the_readme_test_command():
 def test_install_refuses_an_unknown_set():
     done = subprocess.run([ROOT / "scripts" / "install", "everything"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "usage: scripts/install runtime|test" in done.stderr
+
+
+def test_the_package_leaves_the_benchmark_and_the_tools_out():
+    """bench/ (the harness) and tools/ (release and training) run from a checkout, never installed."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    includes = setuptools["packages"]["find"]["include"]
+    assert sorted(p.rstrip("*") for p in includes) == ["kernels", "model", "service"]

@@ -9,8 +9,7 @@ import torch
 from PIL import Image
 
 from model.data import load_fashion_mnist
-from model.preprocess import FASHION_MNIST, IMAGENET_EVAL, Preprocess, preprocess_image
-from model.train import normalise
+from model.preprocess import FASHION_MNIST, IMAGENET_EVAL, Preprocess, normalise, preprocess_image
 
 
 def test_imagenet_eval_resizes_short_side_then_center_crops():

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import signal
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from tests.conftest import metric_value
 
 LOAD = 32
 
@@ -41,9 +46,19 @@ def refused(url: str, image: bytes) -> bool:
     return response.status_code == 503
 
 
+def ready_gauge(metrics_dir: Path) -> float:
+    """``thinkingvit_ready`` as /metrics would show it, merged from the server's multiprocess files
+    (while draining, no new connection reaches an API server to scrape it)."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(metrics_dir))
+    return metric_value(generate_latest(registry).decode(), "thinkingvit_ready")
+
+
 @pytest.mark.parametrize("api_servers", [1, 2])
 def test_sigterm_under_load_answers_every_request_in_flight_and_exits_0(start_server, probe, test_images,
-                                                                         api_servers):  # fmt: skip
+                                                                         api_servers, tmp_path,
+                                                                         monkeypatch):  # fmt: skip
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the launcher's run folder, with the metrics files
     server = start_server(probe, api_servers=api_servers, log_level="info", drain_grace_s=30,
                           max_batch_size=[4], max_wait_ms=[1.0])  # fmt: skip
     server.wait_log(r"API server \d+ ready", count=api_servers)  # /readyz answered from one of them
@@ -54,8 +69,10 @@ def test_sigterm_under_load_answers_every_request_in_flight_and_exits_0(start_se
         for i in range(LOAD)
     ]
     probe.wait_admitted(LOAD)
+    (metrics_dir,) = tmp_path.glob("thinkingvit-*/metrics")
     server.process.send_signal(signal.SIGTERM)
     server.wait_log(r"API server \d+ draining", count=api_servers)
+    assert ready_gauge(metrics_dir) == 0
     assert refused(server.url, test_images[0])
     probe.resume()  # the engine runs again
     for outcome in in_flight:

@@ -62,10 +62,18 @@ def test_bad_inputs_are_4xx_and_do_not_disturb_the_server(start_server, test_ima
         f"{url}/classify", content=iter([b"\0" * 3000, b"\0" * 3000]), headers={"content-type": "image/png"}
     )
     assert_error(chunked, 413, "body_too_large")
-    for headers in ({"content-type": "text/plain"}, {"content-type": "application/json"}, {}):
+    for headers in ({"content-type": "text/plain"}, {"content-type": "application/json"}):
         assert_error(
             httpx.post(f"{url}/classify", content=good, headers=headers), 415, "unsupported_media_type"
         )
+    # untyped raw bodies (curl --data-binary, most HTTP libraries): the bytes decide
+    for headers in ({"content-type": "application/octet-stream"}, {}):
+        assert httpx.post(f"{url}/classify", content=good, headers=headers).json()["label"]
+        not_image = httpx.post(f"{url}/classify", content=b"just some bytes", headers=headers)
+        assert "PNG" in assert_error(not_image, 415, "unsupported_media_type")["message"]
+    misspelt = assert_error(post_image(url, good, treshold=0.5, colour="red"), 422, "unknown_parameter")
+    assert "colour, treshold" in misspelt["message"] and "threshold" in misspelt["message"].split("known:")[1]
+    assert_error(httpx.get(f"{url}/v1/model", params={"target_accuracy": 2}), 422, "invalid_parameter")
     text_only = b'--b\r\nContent-Disposition: form-data; name="field"\r\n\r\nvalue\r\n--b--\r\n'
     no_file = httpx.post(
         f"{url}/classify", content=text_only, headers={"content-type": "multipart/form-data; boundary=b"}
@@ -83,6 +91,10 @@ def test_bad_inputs_are_4xx_and_do_not_disturb_the_server(start_server, test_ima
     metrics = httpx.get(f"{url}/metrics").text
     assert metric_value(metrics, "thinkingvit_requests_total", outcome="error") == 0
     assert metric_value(metrics, "thinkingvit_rejections_total", reason="invalid_image") == 4
+    assert metric_value(metrics, "thinkingvit_rejections_total", reason="unsupported_media_type") == 4
+    assert metric_value(metrics, "thinkingvit_rejections_total", reason="unknown_parameter") == 1
+    # /v1/model's bad parameter is refused, but it is not a classification that failed
+    assert metric_value(metrics, "thinkingvit_rejections_total", reason="invalid_parameter") == len(BAD_PARAMS)
 
 
 def test_batch_limits(start_server, test_images):

@@ -9,14 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.ship_default_model import accuracy_cells
+from tools.ship_default_model import accuracy_cells
 from model import create_model
 from model.calibration import percent_to_fraction
 from model.checkpoint import build_metadata, load_checkpoint, read_metadata, save_checkpoint
 from model.data import load_fashion_mnist, load_image_folder, read_idx
 from model.evaluate import calibration_profile, default_thresholds, sweep, threshold_within, write_outputs
-from model.preprocess import FASHION_MNIST
-from model.train import TrainSettings, normalise, train
+from model.preprocess import FASHION_MNIST, normalise
+from model.train import TrainSettings, train
 from service.cli import main as cli_main
 
 SETTINGS = TrainSettings(preset="fmnist-3-6", epochs=3, batch_size=32, lr=1e-3, warmup_epochs=0.25,

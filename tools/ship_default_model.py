@@ -1,6 +1,6 @@
 """Turn a finished training run into the shipped default model and its model card.
 
-    python -m bench.ship_default_model runs/fmnist-3-6.safetensors
+    python -m tools.ship_default_model runs/fmnist-3-6.safetensors
 
 Sweeps the full Fashion-MNIST test split, stores the calibration profile in the checkpoint, copies
 it to ``service/default_model/``, writes the sweep (JSON, CSV, PNG) to ``docs/model/`` and
@@ -110,7 +110,7 @@ equal-weighted mean of both stages' cross-entropies (the authors' recipe), AdamW
 weight decay {s["weight_decay"]}, {s["warmup_epochs"]} warm-up epoch(s), cosine decay), batch {s["batch_size"]},
 {s["epochs"]} epochs, label smoothing {s["label_smoothing"]}, augmentation: {augmentation(s)}; seed {s["seed"]},
 gradient clipping 1.0. Reproduce: `thinkingvit train --output runs/fmnist-3-6.safetensors --threads 2`,
-then `python -m bench.ship_default_model runs/fmnist-3-6.safetensors`.
+then `python -m tools.ship_default_model runs/fmnist-3-6.safetensors`.
 
 Trained on {training["machine"]} by {s.get("workers", 1)} data-parallel process(es), {training["threads"]}
 torch threads in all, in **{training["train_seconds"] / 60:.1f} minutes** of wall time, test passes included.

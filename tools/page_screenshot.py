@@ -1,11 +1,11 @@
 """The README's screenshot of the page (``docs/page.png``), taken in Debian's chromium.
 
-    python -m bench.page_screenshot
+    python -m tools.page_screenshot
 
 Starts ``thinkingvit serve`` with the shipped model on a free loopback port, sends the page's
 sample images through the API (so the live panel has figures), opens the page, classifies an
 easy sample with ``explain=all`` (it leaves after stage 0; stage 1's answer is shown too) and saves
-the page, with the samples in the batch view below. Development time only, like bench.page_samples.
+the page, with the samples in the batch view below. Development time only, like tools.page_samples.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Pick the sample images of the page at ``GET /`` (run at development time, output committed).
 
-    python -m bench.page_samples
+    python -m tools.page_samples
 
 Runs the shipped model's first stage (stage 0) over the first 2,000 Fashion-MNIST test images and keeps a
 dozen: six it is sure of after a glance (easy: they exit at stage 0 under the default threshold)

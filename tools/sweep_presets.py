@@ -1,7 +1,7 @@
 """Train candidate Fashion-MNIST presets side by side (one process each) to choose the shipped one.
 
-    python -m bench.sweep_presets --device cuda --out runs/presets      # all candidates at once
-    python -m bench.sweep_presets --only p4-hd16-d6 --device cpu        # one of them
+    python -m tools.sweep_presets --device cuda --out runs/presets      # all candidates at once
+    python -m tools.sweep_presets --only p4-hd16-d6 --device cpu        # one of them
 
 Each candidate is (config, training overrides); results land in OUT/<name>.log and the final
 per-stage test accuracies are printed. docs/training-notes.md records what was tried.
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     common = ["--device", args.device, "--threads", str(args.threads), "--out", str(args.out)]
     common += ["--data-dir", args.data_dir] if args.data_dir else []
     procs = [
-        subprocess.Popen([sys.executable, "-m", "bench.sweep_presets", "--only", name, *common],
+        subprocess.Popen([sys.executable, "-m", "tools.sweep_presets", "--only", name, *common],
                          stdout=(args.out / f"{name}.log").open("w"), stderr=subprocess.STDOUT)
         for name in CANDIDATES
     ]
