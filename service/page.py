@@ -33,7 +33,7 @@ async def page() -> FileResponse:
 @page_router.get("/v1/live")
 async def live(api: ApiDep, request: Request) -> dict:
     """Requests/s, exit shares, compute per request and p50 / p99 latency over the last minutes
-    (see ``service.live``), from the server's own metrics; and whether classify needs a token."""
+    (see `service.live`), from the server's own metrics; and whether classify needs a token."""
     state = request.app.state
     if state.live is None:  # at the first call: create_app may run without a model (schema tools)
         state.live = LiveWindow(api.model.num_stages, started=state.live_started)
