@@ -7,6 +7,7 @@ never a sleep. The server is the real one, with the tiny test checkpoint (two st
 
 from __future__ import annotations
 
+import base64
 import re
 import zipfile
 from collections.abc import Iterator
@@ -87,6 +88,26 @@ def test_uploaded_png_shows_label_and_exit_stage(server, page, png, test_images)
     expect(page.locator(f"#stage-{api['exit_stage']}")).to_have_class(re.compile(r"\bexit\b"))
     expect(page.locator("#stage-0 .bars > span:not(.p)")).to_have_count(5)  # top-5 bars
     expect(page.locator("#compute")).to_contain_text("GMACs")
+
+
+FILE_TRANSFER = """async ([b64, name]) => {
+    const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+    const transfer = new DataTransfer();
+    transfer.items.add(new File([bytes], name, { type: "image/png" }));
+    return transfer;
+}"""
+
+
+def test_dropped_and_pasted_images_are_classified(server, page, test_images):
+    open_page(page, server.url)
+    b64 = base64.b64encode(test_images[1]).decode()
+    dropped = page.evaluate_handle(FILE_TRANSFER, [b64, "dropped.png"])
+    page.dispatch_event("#drop-zone", "drop", {"dataTransfer": dropped})
+    expect(page.locator("#status")).to_contain_text("dropped.png")
+    expect(page.locator("#label")).to_have_text(re.compile("|".join(TINY_CLASSES)))
+    pasted = page.evaluate_handle(FILE_TRANSFER, [b64, "pasted.png"])
+    page.evaluate("(t) => document.dispatchEvent(new ClipboardEvent('paste', { clipboardData: t }))", pasted)
+    expect(page.locator("#status")).to_contain_text("pasted.png")
 
 
 def test_threshold_slider_moves_the_exit(server, page, png):
