@@ -27,6 +27,7 @@ from service.errors import ServiceError, invalid
 from service.images import pillow_pixel_limit
 from service.oip import UNAUTHORIZED as INFER_UNAUTHORIZED
 from service.oip import infer_router, meta_router
+from service.page import mount_page
 from service.routes import CLASSIFY_TAG, UNAUTHORIZED, classify_router, health_router, model_router
 from service.served_model import ServedModel
 from service.settings import Settings
@@ -44,6 +45,7 @@ def create_app(settings: Settings, model: ServedModel, device: str, engine_addre
         redoc_url=None,
     )
     mount_offline_docs(app)
+    mount_page(app)  # GET / and GET /v1/live
     app.state.api = ApiState(settings, model, device)
     # With a token set, the classify routes require it (and the OpenAPI schema says so);
     # the model, health and metrics routes stay open for probes and scrapers.

@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from collections.abc import Mapping
-from typing import Annotated, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta
@@ -24,6 +24,7 @@ from service.errors import invalid, unauthorized
 from service.metrics import ApiMetrics
 from service.served_model import ServedModel, cheapest_threshold
 from service.settings import Settings
+from service.transport import Explain
 
 Q = TypeVar("Q", bound=msgspec.Struct)
 
@@ -72,6 +73,7 @@ class ClassifyParams:
     timeout_s: float
     started: float  # perf_counter when the handler began: total_ms and the drain rule count from it
     min_threshold: float = 0.0  # the floor a latency SLO may lower ``threshold`` to
+    explain: Explain = Explain.NONE
 
 
 class ClassifyQuery(msgspec.Struct, forbid_unknown_fields=True):
@@ -93,6 +95,11 @@ class ClassifyQuery(msgspec.Struct, forbid_unknown_fields=True):
     min_threshold: Annotated[float, Meta(ge=0, le=1, description=(
         "in [0, threshold]: the lowest threshold the server may use under load (latency_slo_ms); "
         "default: the server's min_threshold"))] | None = None  # fmt: skip
+    explain: Annotated[
+        Literal["stages", "all"],
+        Meta(description="stages: also report every stage that ran; all: run every stage whatever the "
+             "threshold (costs the full model) and report each, with where it would have exited"),
+    ] | None = None  # fmt: skip
 
     def __post_init__(self) -> None:
         for name in self.__struct_fields__:
@@ -171,6 +178,7 @@ def resolve_params(api: ApiState, query: ClassifyQuery, started: float) -> Class
         timeout_s=timeout_s,
         started=started,
         min_threshold=min(settings.min_threshold, threshold) if min_threshold is None else min_threshold,
+        explain=Explain.NONE if query.explain is None else Explain(query.explain),
     )
 
 

@@ -23,7 +23,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from service.transport import Abort, Answer, Failure, FailureKind, Submit, decode_outbound, encode
+from service.transport import Abort, Answer, Explain, Failure, FailureKind, Submit, decode_outbound, encode
 
 log = logging.getLogger(__name__)
 ENGINE_GONE = "the engine process is gone"
@@ -83,15 +83,17 @@ class EngineClient:
             raise EngineError(FailureKind.ENGINE_GONE, ENGINE_GONE)
 
     async def classify(self, image: np.ndarray, threshold: float, timeout_s: float,
-                       min_threshold: float | None = None, waited_s: float = 0.0) -> Answer:  # fmt: skip
+                       min_threshold: float | None = None, waited_s: float = 0.0,
+                       explain: Explain = Explain.NONE) -> Answer:  # fmt: skip
         """Send one preprocessed image (C, H, W) float32 and await its answer; raises EngineError.
         ``min_threshold``: how far a latency SLO may lower the threshold (None: not at all);
-        ``waited_s``: how long the request has been in this server already (the SLO counts it)."""
+        ``waited_s``: how long the request has been in this server already (the SLO counts it);
+        ``explain``: which per-stage results to send back."""
         self.check_alive()
         request_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._futures[request_id] = future
-        header = encode(Submit(request_id, threshold, timeout_s, min_threshold, waited_s))
+        header = encode(Submit(request_id, threshold, timeout_s, min_threshold, waited_s, explain))
         try:
             await self._sock.send_multipart([header, image.data], copy=False)
             async with asyncio.timeout(timeout_s):

@@ -30,6 +30,7 @@ from service.slo import SloController
 from service.transport import (
     Abort,
     Answer,
+    Explain,
     Failure,
     FailureKind,
     Outbound,
@@ -65,11 +66,13 @@ class _Request:
     image: np.ndarray | None  # (C, H, W) float32 until stage 0 has run
     timeout_s: float
     confidences: list[float] = field(default_factory=list)  # one per stage run
+    explain: Explain = Explain.NONE
+    probabilities: list[np.ndarray] = field(default_factory=list)  # (classes,) per stage run, explain only
     queue_s: float = 0.0
     compute_s: float = 0.0
     threshold: float = 1.0  # as requested (the scheduler holds the effective one)
     min_threshold: float | None = None  # its floor under a latency SLO
-    probabilities: np.ndarray | None = None  # (classes,) at the last stage run: an SLO may answer with it
+    last_probabilities: np.ndarray | None = None  # (classes,) at the last stage run: an SLO may answer with it
 
 
 class EngineCore:
@@ -104,13 +107,15 @@ class EngineCore:
         if self.slo is not None:
             self.slo.observe_admission(message.waited_s)
         try:
-            self.scheduler.add(request_id, message.threshold, deadline, message.min_threshold, now - message.waited_s)
+            self.scheduler.add(request_id, message.threshold, deadline, message.min_threshold, now - message.waited_s,
+                               run_all=message.explain is Explain.ALL)  # fmt: skip
         except QueueFull as e:
             self._fail_now(client, message.request_id, FailureKind.QUEUE_FULL, f"queue full: {e}")
             return
         array = np.frombuffer(image, dtype=np.float32).reshape(shape)  # (C, H, W), no copy
         self.requests[request_id] = _Request(client, message.request_id, array, message.timeout_s,
-                                             threshold=message.threshold, min_threshold=message.min_threshold)  # fmt: skip
+                                             threshold=message.threshold, min_threshold=message.min_threshold,
+                                             explain=message.explain)  # fmt: skip
         self._by_client[client, message.request_id] = request_id
         if self.hooks.on_admit:
             self.hooks.on_admit(request_id, client)
@@ -208,10 +213,12 @@ class EngineCore:
             request.image = None
             request.compute_s += result.compute_s
             request.confidences.append(result.confidence[i])
+            if request.explain is not Explain.NONE:
+                request.probabilities.append(result.probabilities[i])  # (classes,)
             if request_id in finished:
-                self._finish(request_id, stage, result.probabilities[i], plan.thresholds[i])
+                self._finish(request_id, update.exit_stages[request_id], result.probabilities[i], plan.thresholds[i])
             elif self.slo is not None:
-                request.probabilities = result.probabilities[i]  # an answer if the SLO cuts it short
+                request.last_probabilities = result.probabilities[i]  # an answer if the SLO cuts it short
 
     def _batch_raised(self, plan: SchedulePlan, error: Exception) -> None:
         stage = plan.stage
@@ -247,22 +254,27 @@ class EngineCore:
             self.scheduler.fail(sub_plan(plan, gone))  # all aborted: fails no one
         return sub_plan(plan, live)
 
-    def _finish(self, request_id: int, stage: int, probabilities: np.ndarray, threshold: float,
+    def _finish(self, request_id: int, exit_stage: int, probabilities: np.ndarray, threshold: float,
                 cut_short: bool = False) -> None:  # fmt: skip
-        """Answer from ``stage`` with the effective ``threshold`` its exit was decided by. Degraded:
-        cut short by the SLO, or out before the last stage below the threshold it asked for."""
+        """Answer at ``exit_stage`` with the effective ``threshold`` its exit was decided by (an
+        explain=all request ran on past it, and paid for that). Degraded: cut short by the SLO, or
+        out before the last stage below the threshold it asked for."""
         request = self._forget(request_id)
-        gmacs = self.exit_gmacs[stage]
-        self.metrics.exits.labels(str(stage)).inc()
+        gmacs = self.exit_gmacs[len(request.confidences) - 1]  # the stages it actually ran
+        self.metrics.exits.labels(str(exit_stage)).inc()
         self.metrics.request_gmacs.observe(gmacs)
-        last = stage == self.scheduler.config.num_stages - 1
-        lowered = not last and not exits_early(request.confidences[-1], request.threshold)
+        last = exit_stage == self.scheduler.config.num_stages - 1
+        lowered = not last and not exits_early(request.confidences[exit_stage], request.threshold)
         if cut_short or lowered:
             self.metrics.degraded.labels("cut_short" if cut_short else "lowered").inc()
         self.metrics.effective_threshold.observe(threshold)
-        answer = Answer(request.client_request_id, stage, request.confidences,
-                        probabilities.tobytes(), request.queue_s, request.compute_s,  # float32 row
-                        threshold, cut_short or lowered)  # fmt: skip
+        if request.explain is not Explain.NONE:
+            probabilities = request.probabilities[exit_stage]
+        answer = Answer(
+            request.client_request_id, exit_stage, request.confidences, probabilities.tobytes(),  # float32 row
+            request.queue_s, request.compute_s, threshold=threshold, degraded=cut_short or lowered,
+            stage_probabilities=[p.tobytes() for p in request.probabilities],
+        )  # fmt: skip
         self._reply(request, answer)
 
     def _apply_slo(self) -> None:
@@ -278,7 +290,7 @@ class EngineCore:
             self.runner.release(cut)
             for request_id in cut:
                 request = self.requests[request_id]
-                self._finish(request_id, stage - 1, request.probabilities, request.min_threshold, cut_short=True)
+                self._finish(request_id, stage - 1, request.last_probabilities, request.min_threshold, cut_short=True)
 
     def _fail_now(self, client: ClientId, client_request_id: int, kind: FailureKind, message: str) -> None:
         self._outbox.append((client, Failure(client_request_id, kind, message)))

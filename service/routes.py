@@ -20,7 +20,7 @@ from service.images import ImageError, decode_image
 from service.metrics import exposition
 from service.schemas import BatchResponse, Classification, ErrorResponse, ModelInfo
 from service.served_model import ServedModel, cheapest_threshold
-from service.transport import Answer
+from service.transport import Answer, Explain
 from service.uploads import Upload, read_uploads
 
 T = TypeVar("T")
@@ -144,7 +144,8 @@ async def classify_image(api: ApiState, image: np.ndarray, params: ClassifyParam
     Returns the answer and the seconds since the request began; raises ServiceError."""
     try:
         waited_s = time.perf_counter() - params.started
-        result = await api.engine.classify(image, params.threshold, params.timeout_s, params.min_threshold, waited_s)
+        result = await api.engine.classify(image, params.threshold, params.timeout_s, params.min_threshold, waited_s,
+                                           params.explain)  # fmt: skip
     except EngineError as e:
         raise from_engine(e, api.settings.retry_after_s) from None
     total_s = time.perf_counter() - params.started
@@ -167,21 +168,24 @@ def check_admission(api: ApiState, params: ClassifyParams) -> None:
 
 
 def to_response(model: ServedModel, result: Answer, params: ClassifyParams, total_s: float) -> dict:
-    """The Classification body as plain data, numbers rounded to what a person reads."""
-    names = model.class_names
+    """The Classification body as plain data, numbers rounded to what a person reads.
+
+    The answer is the exit stage's; ``stages_run`` and ``gmacs`` count what ran, which is more
+    than the exit stage only with explain=all. Without explain the body has no ``explain`` key.
+    """
     probs = np.frombuffer(result.probabilities, dtype=np.float32)
-    best = top_classes(probs, params.top_k)
-    stage = result.exit_stage
-    return {
-        "label": names[best[0]],
-        "class_index": best[0],
-        "confidence": readable(result.confidences[-1]),
+    top = top_entries(model.class_names, probs, params.top_k)
+    stage, ran = result.exit_stage, len(result.confidences)
+    body = {
+        "label": top[0]["label"],
+        "class_index": top[0]["class_index"],
+        "confidence": readable(result.confidences[stage]),
         "stage_confidences": [readable(c) for c in result.confidences],
-        "top_k": [{"label": names[i], "class_index": i, "probability": readable(probs[i])} for i in best],
+        "top_k": top,
         "exit_stage": stage,
-        "stages_run": stage + 1,
+        "stages_run": ran,
         "heads_used": model.config.stages[stage],
-        "gmacs": readable(model.exit_gmacs[stage]),
+        "gmacs": readable(model.exit_gmacs[ran - 1]),
         "threshold": params.threshold if result.threshold is None else result.threshold,
         "requested_threshold": params.threshold,
         "degraded": result.degraded,
@@ -191,6 +195,30 @@ def to_response(model: ServedModel, result: Answer, params: ClassifyParams, tota
             "total_ms": readable(1000 * total_s),
         },
     }
+    if params.explain is not Explain.NONE:
+        body["explain"] = explanation(model, result, params)
+    return body
+
+
+def explanation(model: ServedModel, result: Answer, params: ClassifyParams) -> dict:
+    """Every stage that ran: its top-k, confidence and heads, and whether the image left there."""
+    stages = []
+    for s, (confidence, row) in enumerate(zip(result.confidences, result.stage_probabilities)):
+        probs = np.frombuffer(row, dtype=np.float32)
+        stages.append({
+            "stage": s,
+            "heads": model.config.stages[s],
+            "confidence": readable(confidence),
+            "top_k": top_entries(model.class_names, probs, params.top_k),
+            "exit": s == result.exit_stage,
+            "exit_gmacs": readable(model.exit_gmacs[s]),
+        })  # fmt: skip
+    return {"mode": params.explain.value, "stages": stages, "full_gmacs": readable(model.exit_gmacs[-1])}
+
+
+def top_entries(names: list[str], probs: np.ndarray, k: int) -> list[dict]:
+    """The response's ``top_k`` entries for a (classes,) softmax."""
+    return [{"label": names[i], "class_index": i, "probability": readable(probs[i])} for i in top_classes(probs, k)]
 
 
 def top_classes(probs: np.ndarray, k: int) -> list[int]:

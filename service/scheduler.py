@@ -63,6 +63,8 @@ class Request:
     min_threshold: float = 1.0  # the floor load may lower ``threshold`` to (the latency SLO)
     arrived_at: float = 0.0  # monotonic seconds it reached the server (the API server, for an SLO)
     confidence: float | None = None  # at the last stage it ran: may it leave there, if cut short?
+    run_all: bool = False  # explain=all: runs every stage; the threshold only marks where it would exit
+    exit_stage: int | None = None  # first stage whose confidence met the threshold, once one has
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,8 @@ class StageUpdate:
 
     finished: tuple[int, ...]  # answered at this stage: the executor sends their answers
     moved_on: tuple[int, ...]  # queued for the next stage: the executor keeps their tokens
+    exit_stages: dict[int, int] = field(default_factory=dict)  # finished id -> stage its threshold
+    # let it exit at: this stage, or an earlier one for a run_all request
 
 
 @dataclass
@@ -105,12 +109,15 @@ class Scheduler:
     # ------------------------------------------------------------------ called by request handlers
 
     def add(self, request_id: int, threshold: float, deadline: float | None = None,
-            min_threshold: float | None = None, arrived_at: float | None = None) -> None:  # fmt: skip
+            min_threshold: float | None = None, arrived_at: float | None = None,
+            run_all: bool = False) -> None:  # fmt: skip
         """Admit a new request into the first stage's queue; raises QueueFull when at capacity.
 
         ``min_threshold`` (default: ``threshold``, never lowered) is the floor ``set_level`` may
         lower the request's threshold to; it starts at the current level's threshold.
-        ``arrived_at`` (default: now) is when it reached the server, for the latency SLO."""
+        ``arrived_at`` (default: now) is when it reached the server, for the latency SLO.
+        ``run_all`` (explain=all) keeps the request going to the last stage whatever its
+        confidence; the exit rule still records the stage it would have left at."""
         if request_id in self.requests:
             raise ValueError(f"request {request_id} is already scheduled")
         if self.num_waiting() >= self.config.max_queue_size:
@@ -119,7 +126,7 @@ class Scheduler:
         now = self.clock()
         request = Request(request_id, effective_threshold(threshold, floor, self.level), deadline,
                           enqueued_at=now, requested_threshold=threshold, min_threshold=floor,
-                          arrived_at=now if arrived_at is None else arrived_at)  # fmt: skip
+                          arrived_at=now if arrived_at is None else arrived_at, run_all=run_all)  # fmt: skip
         self.requests[request_id] = request
         self._queues[0].append(request)
         self._check_invariants()
@@ -169,20 +176,24 @@ class Scheduler:
         """Apply a finished batch: each request's confidence at this stage against its threshold.
 
         At the last stage every request finishes. Requests aborted while running are dropped and
-        reported in the next plan's ``aborted``.
+        reported in the next plan's ``aborted``. A ``run_all`` request goes on even when confident;
+        ``exit_stages`` says where each finished request's threshold let it exit.
         """
         if len(confidences) != len(plan.request_ids):
             raise ValueError(f"{len(confidences)} confidences for a batch of {len(plan.request_ids)}")
         now, last = self.clock(), plan.stage == self.config.num_stages - 1
-        finished, moved_on = [], []
+        finished, moved_on, exit_stages = [], [], {}
         for request_id, confidence in zip(plan.request_ids, confidences):
             request = self._running(request_id)
+            if request.exit_stage is None and (last or exits_early(confidence, request.threshold)):
+                request.exit_stage = plan.stage
             if request.status is RequestStatus.ABORTED:
                 del self.requests[request_id]
                 self._aborted.append(request_id)
-            elif last or exits_early(confidence, request.threshold):
+            elif request.exit_stage is not None and (last or not request.run_all):
                 del self.requests[request_id]
                 finished.append(request_id)
+                exit_stages[request_id] = request.exit_stage
             else:
                 request.stage, request.enqueued_at = request.stage + 1, now
                 request.confidence = confidence
@@ -191,7 +202,7 @@ class Scheduler:
                 self._queues[request.stage].append(request)
                 moved_on.append(request_id)
         self._check_invariants()
-        return StageUpdate(tuple(finished), tuple(moved_on))
+        return StageUpdate(tuple(finished), tuple(moved_on), exit_stages)
 
     def fail(self, plan: SchedulePlan) -> tuple[int, ...]:
         """The batch raised: finish all its requests (the executor fails them); returns their ids."""

@@ -17,6 +17,21 @@ class Timings(BaseModel):
     total_ms: float = Field(description="from request arrival to answer, decoding included")
 
 
+class StageExplanation(BaseModel):
+    stage: int = Field(description="0-based")
+    heads: int = Field(description="attention heads per layer at this stage")
+    confidence: float = Field(description="the exit rule's confidence after this stage")
+    top_k: list[TopClass]
+    exit: bool = Field(description="the stage the image left at under its threshold")
+    exit_gmacs: float = Field(description="compute of an image that exits at this stage")
+
+
+class Explanation(BaseModel):
+    mode: str = Field(description="stages: the stages that ran; all: every stage, run whatever the threshold")
+    stages: list[StageExplanation]
+    full_gmacs: float = Field(description="compute of the full model, every stage")
+
+
 class Classification(BaseModel):
     label: str = Field(description="class name of the top class")
     class_index: int
@@ -26,9 +41,9 @@ class Classification(BaseModel):
     )
     top_k: list[TopClass]
     exit_stage: int = Field(description="0-based stage that answered")
-    stages_run: int
+    stages_run: int = Field(description="stages computed: exit_stage + 1, or all of them with explain=all")
     heads_used: int = Field(description="attention heads per layer at the exit stage")
-    gmacs: float = Field(description="compute spent on this image")
+    gmacs: float = Field(description="compute spent on this image (the full model's with explain=all)")
     threshold: float = Field(
         description="exit threshold applied: the requested one, or lower under load with latency_slo_ms"
     )
@@ -38,6 +53,7 @@ class Classification(BaseModel):
         "threshold, or answered from an earlier stage to hold the latency SLO"
     )
     timings: Timings
+    explain: Explanation | None = Field(None, description="only with ?explain=stages|all")
 
 
 class ErrorDetail(BaseModel):

@@ -28,6 +28,14 @@ class FailureKind(enum.Enum):
 # ----------------------------------------------------------------------- API server -> engine
 
 
+class Explain(enum.Enum):
+    """What a request asks the engine to report besides its answer (the ``explain`` parameter)."""
+
+    NONE = "none"  # the answer only
+    STAGES = "stages"  # also the softmax of every stage that ran
+    ALL = "all"  # run every stage whatever the threshold (the full model's cost) and report each
+
+
 class Submit(msgspec.Struct, tag="submit", array_like=True):
     """A new request; the image follows as a second frame, float32 (C, H, W) in C order."""
 
@@ -36,6 +44,7 @@ class Submit(msgspec.Struct, tag="submit", array_like=True):
     timeout_s: float  # the engine drops it once this has passed since arrival
     min_threshold: float | None = None  # the floor a latency SLO may lower it to; None: never lowered
     waited_s: float = 0.0  # spent in the API server before it was sent: a latency SLO counts it
+    explain: Explain = Explain.NONE
 
 
 class Abort(msgspec.Struct, tag="abort", array_like=True):
@@ -63,6 +72,7 @@ class Answer(msgspec.Struct, tag="answer", array_like=True):
     compute_s: float  # summed over the batches it ran in
     threshold: float | None = None  # effective threshold at its exit (lowered under a latency SLO)
     degraded: bool = False  # load made it leave earlier than its requested threshold would have
+    stage_probabilities: list[bytes] = []  # with explain only: float32 softmax at every stage that ran
 
 
 class Failure(msgspec.Struct, tag="failure", array_like=True):

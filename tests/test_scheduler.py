@@ -154,6 +154,63 @@ def test_update_rejects_wrong_confidence_count():
         scheduler.update(scheduler.schedule(), [CONFIDENT])
 
 
+# ---------------------------------------------------------------------------------- explain=all (run_all)
+
+
+def test_exit_stages_name_the_stage_each_request_left_at():
+    scheduler = make_scheduler(max_wait_s=(0.0, 0.0))
+    make_requests(scheduler, 2)
+    assert scheduler.update(scheduler.schedule(), [CONFIDENT, UNSURE]).exit_stages == {0: 0}
+    assert scheduler.update(scheduler.schedule(), [UNSURE]).exit_stages == {1: 1}
+
+
+def test_run_all_request_goes_on_though_confident_and_keeps_its_exit_stage():
+    scheduler = make_scheduler(max_wait_s=(0.0, 0.0))
+    scheduler.add(0, threshold=0.5, run_all=True)
+    first = scheduler.update(scheduler.schedule(), [CONFIDENT])
+    assert first.finished == () and first.moved_on == (0,)
+    plan = scheduler.schedule()
+    assert plan.stage == 1
+    last = scheduler.update(plan, [UNSURE])
+    assert last.finished == (0,) and last.exit_stages == {0: 0}  # where its threshold let it go
+
+
+def test_run_all_request_that_never_meets_its_threshold_exits_at_the_last_stage():
+    scheduler = make_scheduler(num_stages=3, max_batch_sizes=(2, 2, 2), max_wait_s=(0, 0, 0))
+    scheduler.add(0, threshold=0.5, run_all=True)
+    updates = [scheduler.update(scheduler.schedule(), [UNSURE]) for _ in range(3)]
+    assert [u.moved_on for u in updates] == [(0,), (0,), ()]
+    assert updates[-1].exit_stages == {0: 2}
+
+
+def test_run_all_first_confident_stage_counts_not_a_later_one():
+    scheduler = make_scheduler(num_stages=3, max_batch_sizes=(2, 2, 2), max_wait_s=(0, 0, 0))
+    scheduler.add(0, threshold=0.5, run_all=True)
+    for confidence in (UNSURE, CONFIDENT, CONFIDENT):
+        update = scheduler.update(scheduler.schedule(), [confidence])
+    assert update.finished == (0,) and update.exit_stages == {0: 1}
+
+
+def test_run_all_request_shares_batches_with_plain_ones():
+    scheduler = make_scheduler(max_wait_s=(0.0, 0.0))
+    scheduler.add(0, threshold=0.5, run_all=True)
+    make_requests(scheduler, 1, start=1)
+    assert run(scheduler, scheduler.schedule(), exits=True) == (1,)  # the plain one leaves
+    plan = scheduler.schedule()
+    assert plan.request_ids == (0,)
+    assert scheduler.update(plan, [UNSURE]).exit_stages == {0: 0}
+
+
+def test_aborted_run_all_request_is_dropped_not_finished():
+    scheduler = make_scheduler(max_wait_s=(0.0, 0.0))
+    scheduler.add(0, threshold=0.5, run_all=True)
+    plan = scheduler.schedule()
+    scheduler.abort(0)
+    update = scheduler.update(plan, [CONFIDENT])
+    assert update.finished == () and update.exit_stages == {}
+    assert scheduler.schedule().aborted == (0,)
+
+
 # ---------------------------------------------------------------------------------- policy
 
 
@@ -380,7 +437,8 @@ def test_random_workload_keeps_every_request_accounted_for():
     for _ in range(400):
         for _ in range(rng.randint(0, 3)):
             try:
-                scheduler.add(next_id, rng.random(), deadline=clock.now + rng.uniform(0.001, 0.05))
+                scheduler.add(next_id, rng.random(), deadline=clock.now + rng.uniform(0.001, 0.05),
+                              run_all=rng.random() < 0.2)
                 admitted.add(next_id)
             except QueueFull:
                 pass
