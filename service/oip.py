@@ -176,7 +176,7 @@ async def server_metadata() -> Response:
 @meta_router.get("/v2/models/{name}", response_model=ModelMetadata, responses=documented(404))
 @meta_router.get("/v2/models/{name}/versions/{version}", response_model=ModelMetadata, responses=documented(404))
 async def model_metadata(request: Request, name: str, version: str | None = None) -> Response:
-    """The model's inputs (``image`` or ``pixel_values``) and outputs."""
+    """The model's inputs (`image` or `pixel_values`) and outputs."""
     api: ApiState = request.app.state.api
     check_model(api, name, version)
     body = {
@@ -197,7 +197,7 @@ NOT_READY = {503: {"model": ModelReady, "description": "Draining, or the engine 
     "/v2/models/{name}/versions/{version}/ready", response_model=ModelReady, responses=documented(404) | NOT_READY
 )
 async def model_ready(request: Request, name: str, version: str | None = None) -> Response:
-    """200 while the server accepts work (as ``/v2/health/ready``), 503 otherwise."""
+    """200 while the server accepts work (as `/v2/health/ready`), 503 otherwise."""
     api: ApiState = request.app.state.api
     check_model(api, name, version)
     body = json_encode({"name": name, "ready": api.ready})
@@ -207,8 +207,8 @@ async def model_ready(request: Request, name: str, version: str | None = None) -
 @meta_router.get("/v2/models/{name}/config", response_model=dict, responses=documented(404))
 @meta_router.get("/v2/models/{name}/versions/{version}/config", response_model=dict, responses=documented(404))
 async def model_config(request: Request, name: str, version: str | None = None) -> Response:
-    """Triton's model configuration: ``max_batch_size`` (images per request), inputs and outputs
-    with ``data_type`` and ``dims`` (without the batch dimension), both inputs optional (a
+    """Triton's model configuration: `max_batch_size` (images per request), inputs and outputs
+    with `data_type` and `dims` (without the batch dimension), both inputs optional (a
     request gives one of them). perf_analyzer reads it."""
     api: ApiState = request.app.state.api
     check_model(api, name, version)
@@ -290,11 +290,11 @@ INFER_RESPONSES = {
     openapi_extra=INFER_BODY,
 )  # fmt: skip
 async def infer(request: Request, name: str, version: str | None = None) -> Response:
-    """Classify B images given as ``image`` (BYTES [B], encoded files) or ``pixel_values`` (FP32
-    [B, C, H, W]). Parameters ``threshold``, ``top_k``, ``timeout_ms`` as on ``/classify``;
-    ``top_k`` makes ``probabilities`` the top k as "probability:index:label" (Triton's
-    classification, also asked per output). Outputs: ``probabilities``, ``label``,
-    ``class_index``, ``confidence``, ``exit_stage``, ``gmacs``."""
+    """Classify B images given as `image` (BYTES [B], encoded files) or `pixel_values` (FP32
+    [B, C, H, W]). Parameters `threshold`, `top_k`, `timeout_ms` as on `/classify`;
+    `top_k` makes `probabilities` the top k as "probability:index:label" (Triton's
+    classification, also asked per output). Outputs: `probabilities`, `label`,
+    `class_index`, `confidence`, `exit_stage`, `gmacs`."""
     started = time.perf_counter()
     api: ApiState = request.app.state.api
     check_model(api, name, version)

@@ -11,7 +11,7 @@ from tests.conftest import Server, launch_server, metric_value
 
 PLAIN_KEYS = [
     "label", "class_index", "confidence", "stage_confidences", "top_k", "exit_stage", "stages_run",
-    "heads_used", "gmacs", "threshold", "timings",
+    "heads_used", "gmacs", "threshold", "requested_threshold", "degraded", "timings",
 ]  # fmt: skip
 
 
