@@ -35,7 +35,7 @@ from PIL import Image
 
 from bench.limit import StageTimer, analytic_limit, scrape
 from bench.loadgen import BOUNDARY, LoadGenerator, Workload, multipart
-from bench.machine import machine_name
+from bench.machine import write_result
 from bench.servers import SystemSpec, python_command, start
 from bench.serving import elastic_threshold, png
 from model.checkpoint import load_checkpoint
@@ -185,9 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         "p99_over_p50_at_70_percent_open_loop": results["open_loop_70"]["p99_over_p50"],
     }
     print("goals:", json.dumps(results["goals"], indent=2))
-    out = Path(args.out) / f"{datetime.now(UTC):%Y-%m-%d}-{machine_name('cpu')}-engine-core.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print("wrote", out)
+    print("wrote", write_result(results, args.out, "engine-core"))
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -3,11 +3,13 @@
 open their metadata with :func:`describe`, so that figures from one machine line up across files."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import torch
 
@@ -49,6 +51,13 @@ def machine_name(device: str | torch.device) -> str:
     """The result files' name for the machine: the GPU's name as a slug, or ``cpu-<N>core``."""
     name = f"cpu-{usable_cores()}core" if torch.device(device).type != "cuda" else device_name(device)
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def write_result(results: dict, out: str | Path, kind: str, device: str = "cpu") -> Path:
+    """``results`` as ``<out>/<date>-<machine>-<kind>.json``; returns the path (printed by the caller)."""
+    path = Path(out) / f"{datetime.now(UTC):%Y-%m-%d}-{machine_name(device)}-{kind}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return path
 
 
 def describe(device: str | torch.device, machine: str | None = None) -> dict:

@@ -20,7 +20,6 @@ import argparse
 import base64
 import csv
 import json
-import os
 import re
 import shutil
 import struct
@@ -98,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     import httpx
 
     from bench.limit import scrape
+    from bench.machine import write_result
     from bench.servers import SystemSpec, python_command, start
     from bench.serving import elastic_threshold, png
     from model.data import load_fashion_mnist
@@ -137,10 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         for point in points:
             print(f"ours @ {threshold:g}  c={point.concurrency:3d}  {point.infer_per_s:8.1f} infer/s  "
                   f"p50 {point.p50_ms:7.2f} ms  p99 {point.p99_ms:7.2f} ms", flush=True)  # fmt: skip
-    machine = f"cpu-{len(os.sched_getaffinity(0))}core"
-    out = Path(args.out) / f"{datetime.now(UTC):%Y-%m-%d}-{machine}-perf-analyzer.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print("wrote", out)
+    print("wrote", write_result(results, args.out, "perf-analyzer"))
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

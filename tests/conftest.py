@@ -194,6 +194,15 @@ def start_server(tiny_checkpoint, tmp_path) -> Iterator[Callable[..., Server]]:
             running.probe.close()
 
 
+@pytest.fixture(scope="module")
+def module_server(tiny_checkpoint, tmp_path_factory) -> Iterator[Server]:
+    """One real server with the default settings for a whole module whose tests only read answers
+    (and metric deltas): a start per module instead of one per test. It must exit cleanly."""
+    server = launch_server(log_dir=tmp_path_factory.mktemp("server"), checkpoint=tiny_checkpoint)
+    yield server
+    assert server.stop() == 0
+
+
 @pytest.fixture
 def probe() -> EngineProbe:
     return EngineProbe()

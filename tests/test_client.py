@@ -3,23 +3,20 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from service.cli import main
-from tests.conftest import launch_server, png_bytes
+from tests.conftest import png_bytes
 
 
 @pytest.fixture(scope="module")
-def server_url(tiny_checkpoint, tmp_path_factory) -> Iterator[str]:
+def server_url(module_server) -> str:
     """The real ``thinkingvit serve`` on a socket the test binds and hands over (conftest), so no
     port can be taken meanwhile and readiness needs no polling."""
-    server = launch_server(log_dir=tmp_path_factory.mktemp("client"), checkpoint=tiny_checkpoint)
-    yield server.url
-    assert server.stop() == 0
+    return module_server.url
 
 
 @pytest.fixture

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import httpx
 import pytest
 
-from tests.conftest import Server, launch_server, metric_value
+from tests.conftest import Server, metric_value
 
 PLAIN_KEYS = [
     "label", "class_index", "confidence", "stage_confidences", "top_k", "exit_stage", "stages_run",
@@ -26,11 +24,8 @@ def without_timings(body: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint, tmp_path_factory) -> Iterator[Server]:
-    """One real server for the module: every test here only reads answers and metric deltas."""
-    server = launch_server(log_dir=tmp_path_factory.mktemp("explain"), checkpoint=tiny_checkpoint)
-    yield server
-    assert server.stop() == 0
+def server(module_server: Server) -> Server:
+    return module_server
 
 
 @pytest.fixture(scope="module")

@@ -25,10 +25,8 @@ TIMEOUT_MS = 30_000  # a busy machine; expect() returns as soon as the page is t
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint, tmp_path_factory) -> Iterator[Server]:
-    server = launch_server(log_dir=tmp_path_factory.mktemp("page"), checkpoint=tiny_checkpoint)
-    yield server
-    assert server.stop() == 0
+def server(module_server: Server) -> Server:
+    return module_server
 
 
 @pytest.fixture(scope="module")
