@@ -13,7 +13,7 @@
    time, in bins of 0.5 s (the plot), and how long after the load falls the thresholds are back.
 
 Reported, never asserted. Goals (issue #18): at 2x with the SLO on, p99 <= SLO, no 429 and no 504,
-accuracy at least the stage-1-only accuracy; with the SLO off the same load shows 429s or a p99 far
+accuracy at least the stage-0-only accuracy; with the SLO off the same load shows 429s or a p99 far
 above the SLO; thresholds back within 5 s of the load falling.
 """
 
@@ -204,9 +204,9 @@ def report(results: dict) -> str:
     lines = [
         f"# Latency SLO under open-loop load ({results['date']}, {results['cores']} cores)", "",
         f"Full-model peak {results['full_model_peak_images_per_s']:.0f} images/s; every request at threshold "
-        f"{results['requested_threshold']:g} ({results['threshold_why']}); stage-1-only accuracy "
+        f"{results['requested_threshold']:g} ({results['threshold_why']}); stage-0-only accuracy "
         f"{results['stage1_only_accuracy']:.2f} %, full model {results['full_accuracy']:.2f} %.", "",
-        "| run | offered/s | p50 ms | p99 ms | errors | accuracy % | stage-1 share | degraded | mean threshold |",
+        "| run | offered/s | p50 ms | p99 ms | errors | accuracy % | stage-0 share | degraded | mean threshold |",
         "|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for name, r in results["runs"].items():
