@@ -1,14 +1,15 @@
 """The load generator: one asyncio process, the same for every system.
 
-Requests are complete HTTP/1.1 messages (multipart/form-data bodies) built once per image before a
-run, written on keep-alive connections by a minimal client on asyncio streams; every response is
-parsed as JSON and checked against the image's label. A general client costs too much CPU on a
-2-core machine shared with the server: httpx measured 0.6 ms of CPU per request at 4 connections
-and 2.4 to 3.4 ms at 64 (its pool scans every connection), this client 0.03 ms (docs/benchmarks.md).
-Closed loop: ``concurrency`` users, each on its own connection, sending its next request when the
-previous one is answered. Open loop: Poisson arrivals at a fixed rate on a pool of connections,
-latency counted from the scheduled arrival (no coordinated omission). The client's own CPU time is
-measured with ``getrusage``, the server's by the caller.
+The bench's checking client: every answer is parsed as JSON and scored against its image's label
+(accuracy, exit stages, GMACs, the SLO's threshold and ``degraded``), which a generic load tool
+such as wrk cannot do. The transport is aiohttp (a kept library, issue #16), one ``ClientSession``
+per run on keep-alive connections; the multipart/form-data bodies are built once per image before
+the run and posted as bytes, so the client's CPU goes to HTTP, not to encoding.
+Closed loop: ``concurrency`` users sending their next request when the previous one is answered, on
+a pool of as many connections. Open loop: Poisson arrivals at a rate that may change over time,
+on a pool with room for every request in flight; latency counted from the scheduled arrival (no
+coordinated omission). The client's own CPU time is measured with ``getrusage``, the server's by
+the caller.
 """
 from __future__ import annotations
 
@@ -21,10 +22,14 @@ import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from types import SimpleNamespace
+
+import aiohttp
+import yarl
 
 BOUNDARY = "thinkingvit-bench-boundary"
 CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
+HEADERS = {"Content-Type": CONTENT_TYPE}
 MAX_OPEN_LOOP_IN_FLIGHT = 512  # arrivals beyond this are counted as dropped, not sent
 
 
@@ -140,45 +145,6 @@ def parse(status: int, body: bytes, labels: list[int]) -> tuple[int, list[int], 
     return correct, stages, sum(a.get("gmacs", 0.0) for a in answers), None, answers
 
 
-class HttpError(Exception):
-    """The connection broke or the response was not HTTP/1.1 as expected."""
-
-
-class Connection:
-    """One keep-alive HTTP/1.1 connection: write a complete request, read one response."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self.reader, self.writer, self.usable = reader, writer, True
-
-    @classmethod
-    async def open(cls, host: str, port: int) -> Connection:
-        return cls(*await asyncio.open_connection(host, port))
-
-    async def request(self, message: bytes) -> tuple[int, bytes]:
-        self.writer.write(message)
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ", 2)[1])
-        headers = dict(line.split(":", 1) for line in lines[1:] if ":" in line)
-        headers = {k.strip().lower(): v.strip().lower() for k, v in headers.items()}
-        if headers.get("transfer-encoding") == "chunked":
-            body = await self._chunked()
-        else:
-            body = await self.reader.readexactly(int(headers.get("content-length", 0)))
-        self.usable = headers.get("connection") != "close"
-        return status, body
-
-    async def _chunked(self) -> bytes:
-        chunks = []
-        while size := int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16):
-            chunks.append(await self.reader.readexactly(size + 2))
-        await self.reader.readuntil(b"\r\n")
-        return b"".join(c[:-2] for c in chunks)
-
-    def close(self) -> None:
-        self.writer.close()
-
-
 class LoadGenerator:
     """Runs a workload against one server. ``meters`` are CPU-seconds counters (e.g. the server's
     process tree, the whole machine) read at the window's ends, next to this process's own."""
@@ -187,45 +153,45 @@ class LoadGenerator:
         self, base_url: str, meters: dict[str, Callable[[], float]] | None = None,
         timeout_s: float = 60.0, drain_s: float = 10.0,
     ):  # fmt: skip
-        url = urlsplit(base_url)
-        self.host, self.port = url.hostname, url.port
+        self.base_url = base_url.rstrip("/")
         self.meters = {"client": _cpu_now, **(meters or {})}
         self.timeout_s, self.drain_s = timeout_s, drain_s  # drain_s: wait for in-flight after the window
 
-    def messages(self, work: Workload) -> list[bytes]:
-        """Every request of ``work`` as the bytes written on the wire."""
-        head = f"POST {work.path}{work.query} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-        return [
-            f"{head}Content-Type: {CONTENT_TYPE}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
-            for body in work.bodies
-        ]
+    def _session(self, connections: int) -> aiohttp.ClientSession:
+        """One session per run, its pool at most ``connections`` keep-alive connections. The
+        timeout is ours (``asyncio.timeout`` around request and body), so aiohttp keeps none. A
+        trace marks a request sent on a reused connection, the only kind ``_send`` retries."""
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_reuseconn.append(_mark_reused)
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=connections), timeout=aiohttp.ClientTimeout(total=None),
+            trace_configs=[trace], skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        )  # fmt: skip
 
-    async def _send(self, conn: Connection | None, message: bytes, labels: list[int], start: float):
-        """(sample, the connection to reuse or None). A reused connection the server has closed
-        meanwhile (its keep-alive timeout) is replaced once, as HTTP clients do."""
+    def _url(self, work: Workload) -> yarl.URL:
+        return yarl.URL(f"{self.base_url}{work.path}{work.query}", encoded=True)  # parsed once per run
+
+    async def _send(self, session: aiohttp.ClientSession, url: yarl.URL, body: bytes, labels: list[int],
+                    start: float) -> Sample:  # fmt: skip
+        """One request and its checked answer. A POST is not idempotent, so aiohttp does not retry
+        it; a reused connection the server closed meanwhile (its keep-alive timeout, HTTP/1.1's
+        keep-alive race) fails without reaching the server, and is retried once here."""
         for retry in (True, False):
-            reused = conn is not None
+            sent_on = SimpleNamespace(reused=False)
             try:
-                conn = conn or await Connection.open(self.host, self.port)
                 async with asyncio.timeout(self.timeout_s):
-                    status, body = await conn.request(message)
-                correct, stages, gmacs, error, answers = parse(status, body, labels)
-            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError,
-                    KeyError) as e:  # fmt: skip
+                    async with session.post(url, data=body, headers=HEADERS, trace_request_ctx=sent_on) as response:
+                        status, payload = response.status, await response.read()
+                correct, stages, gmacs, error, answers = parse(status, payload, labels)
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError, KeyError) as e:
                 correct, stages, gmacs, error, answers = 0, [], 0.0, type(e).__name__, []
-                if conn is not None:
-                    conn.close()
-                conn = None
-                stale = isinstance(e, (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError))
-                if retry and reused and stale:
+                stale = isinstance(e, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError))
+                if retry and sent_on.reused and stale:
                     continue
             break
-        if conn is not None and not conn.usable:
-            conn.close()
-            conn = None
         thresholds = [a["threshold"] for a in answers if "degraded" in a]  # ours, with issue #18's fields
         degraded = sum(bool(a.get("degraded")) for a in answers)
-        return Sample(start, time.perf_counter(), len(labels), correct, stages, gmacs, error, thresholds, degraded), conn
+        return Sample(start, time.perf_counter(), len(labels), correct, stages, gmacs, error, thresholds, degraded)
 
     async def _drain(self, tasks: set[asyncio.Task]) -> int:
         """Wait up to ``drain_s`` for requests still in flight, cancel the rest; how many were cancelled."""
@@ -243,34 +209,30 @@ class LoadGenerator:
         return asyncio.run(self._closed_loop(work, concurrency, warmup_s, measure_s, min_requests))
 
     async def _closed_loop(self, work, concurrency, warmup_s, measure_s, min_requests) -> RunResult:
-        order, messages = itertools.count(), self.messages(work)
-        conns = [await Connection.open(self.host, self.port) for _ in range(concurrency)]
-        begin = time.perf_counter()
-        window = _Window(self.meters, begin + warmup_s, begin + warmup_s + measure_s, min_requests)
-        opener = asyncio.create_task(window.open_at_start())
-        samples: list[Sample] = []
+        order, url = itertools.count(), self._url(work)
+        async with self._session(concurrency) as session:  # one connection per user, opened in the warm-up
+            begin = time.perf_counter()
+            window = _Window(self.meters, begin + warmup_s, begin + warmup_s + measure_s, min_requests)
+            opener = asyncio.create_task(window.open_at_start())
+            samples: list[Sample] = []
 
-        async def user(conn: Connection | None) -> None:
-            try:
+            async def user() -> None:
                 while not window.should_close(time.perf_counter()):
-                    i = next(order) % len(messages)
-                    sample, conn = await self._send(conn, messages[i], work.labels[i], time.perf_counter())
+                    i = next(order) % len(work.bodies)
+                    sample = await self._send(session, url, work.bodies[i], work.labels[i], time.perf_counter())
                     window.count(sample)
                     samples.append(sample)
-            finally:
-                if conn is not None:
-                    conn.close()
 
-        users = {asyncio.create_task(user(c)) for c in conns}
-        closed = asyncio.create_task(window.closed.wait())
-        running = set(users)
-        while not closed.done():  # until the window closes, or a user fails (a bug: re-raised)
-            done, running = await asyncio.wait(running | {closed}, return_when=asyncio.FIRST_COMPLETED)
-            running.discard(closed)
-            for task in done - {closed}:
-                task.result()
-        unfinished = await self._drain(users)
-        await opener
+            users = {asyncio.create_task(user()) for _ in range(concurrency)}
+            closed = asyncio.create_task(window.closed.wait())
+            running = set(users)
+            while not closed.done():  # until the window closes, or a user fails (a bug: re-raised)
+                done, running = await asyncio.wait(running | {closed}, return_when=asyncio.FIRST_COMPLETED)
+                running.discard(closed)
+                for task in done - {closed}:
+                    task.result()
+            unfinished = await self._drain(users)
+            await opener
         return window.result(samples, unfinished=unfinished)
 
     def open_loop(
@@ -284,38 +246,41 @@ class LoadGenerator:
         rng = random.Random(seed)
         in_flight: set[asyncio.Task] = set()
         samples: list[Sample] = []
-        dropped = 0
-        messages, idle = self.messages(work), []  # idle: open connections not in use
+        dropped, url = 0, self._url(work)
+        # The pool never holds back an arrival: it has room for every request allowed in flight.
+        async with self._session(MAX_OPEN_LOOP_IN_FLIGHT) as session:
 
-        async def arrive(i: int, arrival: float) -> None:
-            sample, conn = await self._send(idle.pop() if idle else None, messages[i], work.labels[i], arrival)
-            if conn is not None:
-                idle.append(conn)
-            window.count(sample)
-            samples.append(sample)
+            async def arrive(i: int, arrival: float) -> None:
+                sample = await self._send(session, url, work.bodies[i], work.labels[i], arrival)
+                window.count(sample)
+                samples.append(sample)
 
-        begin = time.perf_counter()
-        window = _Window(self.meters, begin + warmup_s, begin + warmup_s + measure_s, min_requests)
-        opener = asyncio.create_task(window.open_at_start())
-        arrival, rate_at = begin, rate if callable(rate) else (lambda _t: rate)
-        for i in itertools.count():
-            arrival += rng.expovariate(rate_at(arrival - begin))
-            delay = arrival - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)  # pacing the Poisson arrivals, not synchronisation
-            if window.should_close(arrival):
-                break
-            if len(in_flight) >= MAX_OPEN_LOOP_IN_FLIGHT:
-                dropped += arrival >= window.t0
-                continue
-            task = asyncio.create_task(arrive(i % len(messages), arrival))
-            task.add_done_callback(in_flight.discard)
-            in_flight.add(task)
-        await opener
-        unfinished = await self._drain(set(in_flight))
-        for conn in idle:
-            conn.close()
+            begin = time.perf_counter()
+            window = _Window(self.meters, begin + warmup_s, begin + warmup_s + measure_s, min_requests)
+            opener = asyncio.create_task(window.open_at_start())
+            arrival, rate_at = begin, rate if callable(rate) else (lambda _t: rate)
+            for i in itertools.count():
+                arrival += rng.expovariate(rate_at(arrival - begin))
+                delay = arrival - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)  # pacing the Poisson arrivals, not synchronisation
+                if window.should_close(arrival):
+                    break
+                if len(in_flight) >= MAX_OPEN_LOOP_IN_FLIGHT:
+                    dropped += arrival >= window.t0
+                    continue
+                task = asyncio.create_task(arrive(i % len(work.bodies), arrival))
+                task.add_done_callback(in_flight.discard)
+                in_flight.add(task)
+            await opener
+            unfinished = await self._drain(set(in_flight))
         return window.result(samples, unfinished=unfinished, dropped=dropped)
+
+
+async def _mark_reused(_session, context, _params) -> None:
+    """aiohttp's trace hook: the request took a pooled keep-alive connection (see ``_send``)."""
+    if context.trace_request_ctx is not None:
+        context.trace_request_ctx.reused = True
 
 
 class _Window:

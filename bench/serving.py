@@ -417,8 +417,8 @@ def metadata(ctx: Context, started: float, result_rows: list[dict]) -> dict:
     return describe(ctx.device, ctx.args.machine) | {
         "default_torch_threads": ctx.threads,
         "max_other_cpu_cores": max_other_load(result_rows),
-        "versions": {p: package_version(p) for p in ("torch", "fastapi", "starlette", "uvicorn", "httpx", "litserve",
-                                              "uvloop", "httptools", "pydantic")},
+        "versions": {p: package_version(p) for p in ("torch", "fastapi", "starlette", "uvicorn", "httpx", "aiohttp",
+                                              "litserve", "uvloop", "httptools", "pydantic")},
         "uvicorn_loop_http": f"{'uvloop' if _has('uvloop') else 'asyncio'} + "
                              f"{'httptools' if _has('httptools') else 'h11'} (uvicorn 'auto', every server)",
         "checkpoint": _shown_path(ctx.checkpoint),
@@ -428,7 +428,7 @@ def metadata(ctx: Context, started: float, result_rows: list[dict]) -> dict:
         "image_count": len(ctx.pngs),
         "smoke": bool(ctx.args.smoke),
         "plan": asdict(ctx.plan),
-        "load_generator": "bench/loadgen.py: one asyncio process, a minimal HTTP/1.1 keep-alive client, "
+        "load_generator": "bench/loadgen.py: one asyncio process, aiohttp on keep-alive connections, "
                           "requests pre-built, every response parsed and checked against its label",
         "wall_s": round(time.perf_counter() - started, 1),
     }  # fmt: skip
