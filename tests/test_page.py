@@ -2,7 +2,8 @@
 
 Playwright is pointed at the system browser (``/usr/bin/chromium``, from ``scripts/install test``);
 no browser is downloaded. Every wait is Playwright's own (``expect`` retries until its timeout),
-never a sleep. The server is the real one, with the tiny test checkpoint (two stages).
+never a sleep. The server is the real one, with the tiny test checkpoint (two stages), and for the
+target-accuracy mode the same checkpoint with a calibration profile written into it.
 """
 
 from __future__ import annotations
