@@ -198,6 +198,20 @@ def test_without_a_calibration_profile_the_target_mode_is_off_and_says_why(serve
     expect(page.locator("#threshold")).to_be_visible()
 
 
+def test_a_degraded_answer_is_flagged_with_both_thresholds(start_server, page, png, test_images):
+    server = start_server(latency_slo_ms=1)  # a 1 ms SLO: every answer after the first is late
+    first = httpx.post(f"{server.url}/classify", files={"file": ("x.png", test_images[0], "image/png")})
+    assert first.status_code == 200  # gives the engine its stage-time estimates, as in test_service_slo
+    open_page(page, server.url)
+    expect(page.locator("#degraded")).to_be_hidden()
+    page.locator("#file-input").set_input_files(png)
+    degraded = page.locator("#degraded")
+    expect(degraded).to_be_visible()
+    lowered = r"Degraded: under load the server answered at threshold 0\.\d\d instead of 0\.80"
+    expect(degraded).to_contain_text(re.compile(lowered))
+    expect(page.locator("#exit-stage")).to_have_text("0")  # the floor 0: answered after stage 0
+
+
 def test_stage_not_run_without_explain_all(server, page, png):
     open_page(page, server.url)
     page.locator("#explain-all").uncheck()
