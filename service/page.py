@@ -2,7 +2,8 @@
 
 The page is plain HTML, CSS and JavaScript in ``service/page/`` (no build step, nothing from a
 CDN): it calls the same public API as any client (``/v1/model``, ``/classify`` with ``explain``,
-``/classify/batch``, ``/v1/live``). With an API token set, the classify routes need it: the page
+``/classify/batch``, ``/v1/live``), with ``threshold`` or, when the checkpoint has a calibration
+profile, ``target_accuracy``. With an API token set, the classify routes need it: the page
 asks the person for it and keeps it in the tab's sessionStorage; the server never writes it into
 a page. ``create_app`` calls ``mount_page``.
 """

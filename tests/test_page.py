@@ -2,7 +2,8 @@
 
 Playwright is pointed at the system browser (``/usr/bin/chromium``, from ``scripts/install test``);
 no browser is downloaded. Every wait is Playwright's own (``expect`` retries until its timeout),
-never a sleep. The server is the real one, with the tiny test checkpoint (two stages).
+never a sleep. The server is the real one, with the tiny test checkpoint (two stages), and for the
+target-accuracy mode the same checkpoint with a calibration profile written into it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+from model.checkpoint import load_checkpoint, save_checkpoint
 from tests.conftest import TINY_CLASSES, Server, launch_server
 
 CHROMIUM = "/usr/bin/chromium"
@@ -27,6 +29,25 @@ TIMEOUT_MS = 30_000  # a busy machine; expect() returns as soon as the page is t
 @pytest.fixture(scope="module")
 def server(module_server: Server) -> Server:
     return module_server
+
+
+# A calibration profile written into the tiny checkpoint (as `thinkingvit eval --write-calibration`
+# would): target 0.85 -> threshold 0.5, 0.93 -> 1 (every stage), above 0.95 -> 422.
+CALIBRATION = {"split": "test[:64]", "images": 64, "rows": [
+    {"threshold": 0.0, "accuracy": 0.80, "exit_share": [1.0, 0.0], "expected_gmacs": 0.001},
+    {"threshold": 0.5, "accuracy": 0.90, "exit_share": [0.6, 0.4], "expected_gmacs": 0.002},
+    {"threshold": 1.0, "accuracy": 0.95, "exit_share": [0.0, 1.0], "expected_gmacs": 0.003},
+]}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def calibrated_server(tiny_checkpoint, tmp_path_factory) -> Iterator[Server]:
+    loaded = load_checkpoint(tiny_checkpoint)
+    path = tmp_path_factory.mktemp("calibrated") / "calibrated.safetensors"
+    save_checkpoint(path, loaded.model, {**loaded.metadata, "calibration": CALIBRATION})
+    server = launch_server(log_dir=path.parent, checkpoint=path)
+    yield server
+    assert server.stop() == 0
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +145,71 @@ def test_threshold_slider_moves_the_exit(server, page, png):
     expect(page.locator("#exit-stage")).to_have_text("1")
     expect(page.locator("#stage-1")).to_have_class(re.compile(r"\bexit\b"))
     expect(page.locator("#compute")).to_contain_text("0 % saved")
+
+
+def test_a_target_accuracy_is_sent_and_the_picked_threshold_shown(calibrated_server, page, png):
+    urls = []
+    page.on("request", lambda request: urls.append(request.url) if "/classify?" in request.url else None)
+    open_page(page, calibrated_server.url)
+    expect(page.locator("#target-unavailable")).to_be_hidden()
+    page.locator("#file-input").set_input_files(png)
+    expect(page.locator("#status")).to_contain_text("threshold 0.80")  # the threshold mode first
+    page.locator("#mode-target").check()
+    expect(page.locator("#threshold-box")).to_be_hidden()
+    expect(page.locator("#target-range")).to_contain_text("0.800 to 0.950")
+    target = page.locator("#target")
+    target.fill("0.85")
+    expect(page.locator("#target-picked")).to_have_text("picks threshold 0.50")
+    expect(page.locator("#status")).to_contain_text("target accuracy 0.850: threshold 0.50")
+    expect(page.locator("#stage-0 .conf-line")).to_contain_text("threshold 0.50")
+    sent = [u for u in urls if "target_accuracy=0.85" in u]
+    assert sent and all("threshold=" not in u.split("?")[1] for u in sent)
+    page.locator("#target-slider").fill("0.93")  # the slider and the box move together
+    expect(target).to_have_value("0.93")
+    expect(page.locator("#target-picked")).to_have_text("picks threshold 1.00")
+    expect(page.locator("#exit-stage")).to_have_text("1")  # threshold 1 runs every stage
+    page.locator("#mode-threshold").check()  # back to the slider: threshold= again
+    expect(page.locator("#status")).to_contain_text("at threshold 0.80")
+
+
+def test_a_target_above_the_profile_shows_the_servers_422(calibrated_server, page, png):
+    open_page(page, calibrated_server.url)
+    page.locator("#file-input").set_input_files(png)
+    expect(page.locator("#answer")).to_be_visible()
+    page.locator("#mode-target").check()
+    page.locator("#target").fill("0.99")
+    status = page.locator("#status")
+    expect(status).to_have_class("error")
+    expect(status).to_contain_text("422 invalid_parameter: target_accuracy: 0.99 is above what the model reaches")
+    expect(status).to_contain_text("at best 0.95 (threshold 1)")
+    expect(page.locator("#answer")).to_be_hidden()
+    expect(page.locator("#target-picked")).to_contain_text("no threshold picked")
+    page.locator("#target").fill("0.9")  # a reachable target answers again
+    expect(page.locator("#target-picked")).to_have_text("picks threshold 0.50")
+    expect(status).not_to_have_class("error")
+
+
+def test_without_a_calibration_profile_the_target_mode_is_off_and_says_why(server, page):
+    open_page(page, server.url)
+    expect(page.locator("#mode-target")).to_be_disabled()
+    expect(page.locator("#target-unavailable")).to_be_visible()
+    expect(page.locator("#target-unavailable")).to_contain_text("tiny.safetensors has no calibration profile")
+    expect(page.locator("#target-box")).to_be_hidden()
+    expect(page.locator("#threshold")).to_be_visible()
+
+
+def test_a_degraded_answer_is_flagged_with_both_thresholds(start_server, page, png, test_images):
+    server = start_server(latency_slo_ms=1)  # a 1 ms SLO: every answer after the first is late
+    first = httpx.post(f"{server.url}/classify", files={"file": ("x.png", test_images[0], "image/png")})
+    assert first.status_code == 200  # gives the engine its stage-time estimates, as in test_service_slo
+    open_page(page, server.url)
+    expect(page.locator("#degraded")).to_be_hidden()
+    page.locator("#file-input").set_input_files(png)
+    degraded = page.locator("#degraded")
+    expect(degraded).to_be_visible()
+    lowered = r"Degraded: under load the server answered at threshold 0\.\d\d instead of 0\.80"
+    expect(degraded).to_contain_text(re.compile(lowered))
+    expect(page.locator("#exit-stage")).to_have_text("0")  # the floor 0: answered after stage 0
 
 
 def test_stage_not_run_without_explain_all(server, page, png):

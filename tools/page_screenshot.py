@@ -4,8 +4,10 @@
 
 Starts ``thinkingvit serve`` with the shipped model on a free loopback port, sends the page's
 sample images through the API (so the live panel has figures), opens the page, classifies an
-easy sample with ``explain=all`` (it leaves after stage 0; stage 1's answer is shown too) and saves
-the page, with the samples in the batch view below. Development time only, like tools.page_samples.
+easy sample with ``explain=all`` (it leaves after stage 0; stage 1's answer is shown too) in the
+target-accuracy mode (the calibration profile's accuracy at the default threshold, so the server
+picks that threshold) and saves the page, with the samples in the batch view below. Development
+time only, like tools.page_samples.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def main() -> int:
             expect(page.locator("body")).to_have_attribute("data-ready", "true", timeout=30_000)
             page.locator(f'.sample[data-file="{shown["file"]}"]').click()
             expect(page.locator("#answer")).to_be_visible(timeout=30_000)
+            page.locator("#mode-target").check()
+            expect(page.locator("#target-picked")).to_contain_text("picks threshold", timeout=30_000)
             expect(page.locator("#live-p50")).to_contain_text("ms", timeout=30_000)
             page.locator("#files-input").set_input_files([SAMPLES / s["file"] for s in samples])
             expect(page.locator("#batch-grid .tile")).to_have_count(len(samples), timeout=30_000)

@@ -78,29 +78,59 @@ async function classify() {
     return;
   }
   state.busy = true;
+  $("status").className = "muted";
   $("status").textContent = "Thinking…";
   $("result").setAttribute("aria-busy", "true");
-  const threshold = Number($("threshold").value);
+  const asked = askedFor();
+  if (!asked) return finish("Enter a target accuracy between 0 and 1.");
   const explain = $("explain-all").checked ? "all" : "stages";
   const topK = Math.min(5, state.model ? state.model.num_classes : 5);
   const form = new FormData();
   form.append("file", state.image, state.imageName);
   try {
-    const body = await post(`classify?threshold=${threshold}&explain=${explain}&top_k=${topK}`, form);
+    const body = await post(`classify?${asked.query}&explain=${explain}&top_k=${topK}`, form);
     showAnswer(body);
     const truth = state.truth ? ` (true label: ${state.truth})` : "";
-    $("status").textContent = `${state.imageName}${truth} at threshold ${threshold.toFixed(2)}`;
+    $("status").textContent = `${state.imageName}${truth} at ${asked.text(body.requested_threshold)}`;
+    if (asked.target != null) $("target-picked").textContent = `picks threshold ${body.requested_threshold.toFixed(2)}`;
   } catch (error) {
     $("answer").hidden = true;
+    if (asked.target != null) $("target-picked").textContent = "no threshold picked (the error is under 3. What it thought)";
     $("status").textContent = String(error.message || error);
     $("status").className = "error";
   } finally {
-    state.busy = false;
-    $("result").removeAttribute("aria-busy");
-    if (state.again) {
-      state.again = false;
-      classify();
-    }
+    finish();
+  }
+}
+
+// What the person asked for: a threshold, or (when the checkpoint has a calibration profile) a
+// target accuracy, for which the server picks the threshold (the one cheapest-threshold rule lives
+// there). null when the target box holds no number.
+function askedFor() {
+  if (!$("mode-target").checked) {
+    const threshold = Number($("threshold").value);
+    return { query: `threshold=${threshold}`, target: null, text: () => `threshold ${threshold.toFixed(2)}` };
+  }
+  const raw = $("target").value.trim();
+  const target = Number(raw);
+  if (raw === "" || !Number.isFinite(target)) return null;
+  return {
+    query: `target_accuracy=${target}`, target,
+    text: (picked) => `target accuracy ${target.toFixed(3)}` + (picked == null ? "" : `: threshold ${picked.toFixed(2)}`),
+  };
+}
+
+function finish(message) {
+  if (message) {
+    $("answer").hidden = true;
+    $("status").textContent = message;
+    $("status").className = "error";
+  }
+  state.busy = false;
+  $("result").removeAttribute("aria-busy");
+  if (state.again) {
+    state.again = false;
+    classify();
   }
 }
 
@@ -117,6 +147,10 @@ function showAnswer(body) {
   let compute = `${fmtGmacs(exitGmacs)} of ${fmtGmacs(full)} GMACs, ${Math.round(100 * (1 - exitGmacs / full))} % saved`;
   if (body.stages_run > body.exit_stage + 1) compute += ` (this request ran every stage to show them: ${fmtGmacs(body.gmacs)} GMACs)`;
   $("compute").textContent = compute;
+  $("degraded").hidden = !body.degraded;
+  $("degraded").textContent = body.degraded ?
+    `Degraded: under load the server answered at threshold ${body.threshold.toFixed(2)} instead of ` +
+    `${body.requested_threshold.toFixed(2)} to keep its latency goal.` : "";
   $("changed").textContent = changedLine(body, last);
   const cards = stages.map((stage, s) => stageCard(stage, s, body, explained[s]));
   $("stages").replaceChildren(...cards);
@@ -197,7 +231,12 @@ function showLive(live) {
 
 async function classifyMany(files) {
   const images = files.filter((f) => IMAGE_NAME.test(f.name));
-  const threshold = Number($("threshold").value);
+  const asked = askedFor();
+  if (!asked) {
+    $("batch-status").textContent = "Enter a target accuracy between 0 and 1.";
+    $("batch-status").className = "error";
+    return;
+  }
   const results = [];
   $("batch-grid").replaceChildren();
   for (let i = 0; i < images.length; i += BATCH_CHUNK) {
@@ -206,7 +245,7 @@ async function classifyMany(files) {
     const form = new FormData();
     for (const f of chunk) form.append("files", f.blob, f.name);
     try {
-      const body = await post(`classify/batch?threshold=${threshold}`, form);
+      const body = await post(`classify/batch?${asked.query}`, form);
       body.results.forEach((r, j) => results.push({ ...chunk[j], ...r }));
     } catch (error) {
       $("batch-status").textContent = String(error.message || error);
@@ -214,17 +253,18 @@ async function classifyMany(files) {
       return;
     }
   }
-  showBatch(results, threshold);
+  const ok = results.find((r) => r.result);
+  showBatch(results, asked.text(ok ? ok.result.requested_threshold : null));
 }
 
-function showBatch(results, threshold) {
+function showBatch(results, asked) {
   const last = state.model.stages.length - 1;
   const first = (r) => (r.result ? r.result.stage_confidences[0] : -1);
   results.sort((a, b) => first(b) - first(a));
   const early = results.filter((r) => r.result && r.result.exit_stage < last).length;
   $("batch-status").className = "muted";
   $("batch-status").textContent =
-    `${results.length} images at threshold ${threshold.toFixed(2)}, most confident first: ${early} left early (green)`;
+    `${results.length} images at ${asked}, most confident first: ${early} left early (green)`;
   const tiles = results.map((r) => {
     const img = el("img", { alt: r.name, src: URL.createObjectURL(r.blob) });
     if (!r.result) return el("div", { class: "tile failed", title: r.error.message }, img, el("div", { class: "name" }, r.name), el("div", {}, r.error.reason));
@@ -246,6 +286,38 @@ async function loadModel() {
     `${fmtGmacs(m.stages[m.stages.length - 1].exit_gmacs)} GMACs, ${m.num_classes} classes. ${m.domain}`;
   $("threshold").value = m.default_threshold;
   $("threshold-value").textContent = Number(m.default_threshold).toFixed(2);
+  setUpTarget(m);
+}
+
+// The target mode spans the accuracies the checkpoint's calibration profile reaches; without a
+// profile the server answers a target with 422, so the mode is off and the page says why.
+function setUpTarget(m) {
+  const rows = (m.calibration && m.calibration.rows || []).filter((r) => r.accuracy != null);
+  if (!rows.length) {
+    $("mode-target").disabled = true;
+    $("target-unavailable").hidden = false;
+    $("target-unavailable").textContent = `A target accuracy is unavailable: the checkpoint ${m.checkpoint} has ` +
+      "no calibration profile (thinkingvit eval --write-calibration writes one).";
+    return;
+  }
+  const accuracies = rows.map((r) => r.accuracy);
+  const low = Math.ceil(1000 * Math.min(...accuracies) - 1e-9) / 1000; // 3 decimals inside the profile
+  const high = Math.floor(1000 * Math.max(...accuracies) + 1e-9) / 1000;
+  const atDefault = rows.find((r) => r.threshold === m.default_threshold);
+  const start = Math.min(high, Math.max(low, Math.floor(1000 * (atDefault ? atDefault.accuracy : high)) / 1000));
+  for (const id of ["target-slider", "target"]) $(id).value = start.toFixed(3);
+  $("target-slider").min = low.toFixed(3);
+  $("target-slider").max = high.toFixed(3);
+  const split = m.calibration.split ? ` on ${m.calibration.split}` : "";
+  $("target-range").textContent = `The calibration profile${split} reaches accuracies ${low.toFixed(3)} to ` +
+    `${high.toFixed(3)}; the server picks the cheapest calibrated threshold reaching the target (a higher one is refused).`;
+}
+
+function showMode() {
+  const target = $("mode-target").checked;
+  $("threshold-box").hidden = target;
+  $("target-box").hidden = !target;
+  classify();
 }
 
 async function loadSamples() {
@@ -288,6 +360,16 @@ function wire() {
   });
   $("threshold").addEventListener("input", (e) => {
     $("threshold-value").textContent = Number(e.target.value).toFixed(2);
+    classify();
+  });
+  $("mode-threshold").addEventListener("change", showMode);
+  $("mode-target").addEventListener("change", showMode);
+  $("target-slider").addEventListener("input", (e) => {
+    $("target").value = e.target.value;
+    classify();
+  });
+  $("target").addEventListener("input", (e) => {
+    if (e.target.value.trim() !== "") $("target-slider").value = e.target.value;
     classify();
   });
   $("explain-all").addEventListener("change", classify);
