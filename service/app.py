@@ -58,7 +58,25 @@ def create_app(settings: Settings, model: ServedModel, device: str, engine_addre
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(Exception, unexpected_error)
+    if model is not None:
+        limit_top_k_in_schema(app, model.config.num_classes)
     return app
+
+
+def limit_top_k_in_schema(app: FastAPI, num_classes: int) -> None:
+    """The OpenAPI schema states top_k's upper bound, the served model's class count (the query
+    Struct cannot: it is the same for every model), so clients and fuzzers see the real range."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        schema = build()
+        for operation in (op for path in schema["paths"].values() for op in path.values()):
+            for parameter in operation.get("parameters", ()):
+                if parameter["name"] == "top_k" and parameter["in"] == "query":
+                    parameter["schema"]["maximum"] = num_classes
+        return schema
+
+    app.openapi = openapi
 
 
 @asynccontextmanager
