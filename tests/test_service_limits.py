@@ -251,7 +251,9 @@ def test_batch_items_carry_429_500_and_504_inside_a_200(start_server, probe, tes
     server = start_server(probe, max_queue_size=1, max_batch_size=[1], max_wait_ms=[0.0])
     probe.pause()
     full = background.submit(batch_post, server.url, test_images[:3])
-    probe.wait_admitted(1)  # one fits the queue; the other two are refused
+    probe.wait_admitted(1)  # one fits the queue; the other two are refused,
+    # and counted as each is refused: only then may the queue empty (else a late one gets in)
+    wait_for_metric(server.url, "thinkingvit_rejections_total", 2, reason="queue_full")
     probe.add_rule(action="raise", once=True, message="injected fault")
     probe.resume()
     assert sorted(item_statuses(full.result())) == [429, 429, 500]
