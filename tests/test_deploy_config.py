@@ -384,9 +384,8 @@ def test_k8s_rendered_objects_are_valid():
         except kubernetes_validate.ValidationError as e:
             errors.append(f"{doc['kind']}/{doc['metadata']['name']}: {e.message}")
     assert not errors, errors
-    kinds = sorted(doc["kind"] for doc in k8s_documents())
-    assert kinds == sorted(["ConfigMap", "ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler",
-                            "PodDisruptionBudget"])  # fmt: skip
+    kinds = {doc["kind"] for doc in k8s_documents()}
+    assert kinds == {"ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
 
 
 def test_k8s_validator_rejects_a_misspelled_field():
@@ -402,7 +401,8 @@ def test_k8s_validator_rejects_a_misspelled_field():
 def test_kustomization_renders_every_manifest():
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     assert set(kustomization["resources"]) == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    raw = [doc for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml" for doc in yaml.safe_load_all(p.read_text())]
+    manifests = [p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml"]
+    raw = [doc for p in manifests for doc in yaml.safe_load_all(p.read_text())]
     key = lambda doc: (doc["kind"], doc["metadata"]["name"])  # noqa: E731
     assert sorted(map(key, k8s_documents())) == sorted(map(key, raw))
     (labels,) = kustomization["labels"]
@@ -422,7 +422,8 @@ def test_k8s_deployment_requests_a_gpu_and_serves_on_its_container_port():
         assert container_port(container, container[probe]["httpGet"]["port"]) == port, probe
     assert container_port(container, service["spec"]["ports"][0]["targetPort"]) == port
     assert int(pod["metadata"]["annotations"]["prometheus.io/port"]) == port
-    assert pod["spec"]["securityContext"]["runAsNonRoot"] and pod["spec"]["securityContext"]["runAsUser"] == dockerfile_uid()
+    security = pod["spec"]["securityContext"]
+    assert security["runAsNonRoot"] and security["runAsUser"] == dockerfile_uid()
 
 
 def test_k8s_probes_answer_on_a_server_with_the_pods_settings(start_server):
@@ -435,9 +436,11 @@ def test_k8s_probes_answer_on_a_server_with_the_pods_settings(start_server):
     container = server_container(deployment)
     # The socket is the test's, and the GPU's settings (device, bfloat16 autocast) have no CPU meaning.
     local = {"THINKINGVIT_HOST", "THINKINGVIT_PORT", "THINKINGVIT_DEVICE", "THINKINGVIT_AUTOCAST"}
-    settings = {k.removeprefix("THINKINGVIT_").lower(): v for k, v in pod_settings(deployment).items() if k not in local}
+    variables = {k: v for k, v in pod_settings(deployment).items() if k not in local}
+    settings = {k.removeprefix("THINKINGVIT_").lower(): v for k, v in variables.items()}
     server = start_server(**settings, device="cpu", autocast="float32")
-    paths = {probe: container[probe]["httpGet"]["path"] for probe in ("readinessProbe", "livenessProbe", "startupProbe")}
+    probes = ("readinessProbe", "livenessProbe", "startupProbe")
+    paths = {probe: container[probe]["httpGet"]["path"] for probe in probes}
     assert paths["readinessProbe"] == "/readyz" and paths["livenessProbe"] != "/readyz"
     for probe, path in paths.items():
         assert httpx.get(server.url + path, timeout=30).status_code == 200, (probe, path)
