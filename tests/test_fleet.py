@@ -54,6 +54,7 @@ REPLICA_SETTINGS = {
 WAIT_S = 90  # deadline of every wait: restarts on a busy 2-core machine
 POLL_S = 0.1  # how often a wait re-reads HAProxy's or a replica's state
 CONCURRENCY = 16
+RESTART_RATE = 60.0  # requests/s while replicas restart: steady, about a third of what three serve here
 HALF_OPEN = 1500
 FIGURES: dict[str, dict] = {}
 
@@ -216,14 +217,16 @@ class Outcome:
 
 
 class Load:
-    """Closed-loop load through the balancer from a thread of its own: ``concurrency`` clients
-    sharing a keep-alive connection pool, each sending its next image once answered, until
-    ``stop()`` or ``total`` requests."""
+    """Load through the balancer from a thread of its own: ``concurrency`` clients sharing a
+    keep-alive connection pool, each sending its next image once answered (closed loop), or at
+    most ``rate`` requests/s in all, until ``stop()`` or ``total`` requests. A rate leaves the
+    two cores room to restart replicas under load."""
 
     def __init__(self, url: str, images: list[bytes], concurrency: int = CONCURRENCY,
-                 params: dict | None = None, total: int | None = None):  # fmt: skip
+                 params: dict | None = None, total: int | None = None, rate: float | None = None):  # fmt: skip
         self.url, self.images, self.concurrency = f"{url}/classify", images, concurrency
         self.params, self.total = params or {}, total
+        self.interval = 0.0 if rate is None else concurrency / rate  # per client
         self.outcomes: list[Outcome] = []
         self._in_flight: dict[int, float] = {}  # sequence number -> time.monotonic() it was sent
         self._sent = 0
@@ -269,7 +272,11 @@ class Load:
     async def _client(self, session) -> None:
         import aiohttp
 
+        next_at = time.monotonic()
         while not self._stopping.is_set() and (self.total is None or self._sent < self.total):
+            if self.interval:  # the load's profile: this client's next slot
+                next_at += self.interval
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             number, self._sent = self._sent, self._sent + 1
             form = aiohttp.FormData()
             form.add_field("file", self.images[number % len(self.images)], filename="a.png", content_type="image/png")
@@ -414,7 +421,7 @@ def test_rolling_drain_loses_no_request(all_up, test_images):
     fleet = all_up
     before = fleet.balancer.counters()
     exits = []
-    with Load(fleet.balancer.url, test_images) as load:
+    with Load(fleet.balancer.url, test_images, rate=RESTART_RATE) as load:
         for replica in fleet.replicas:
             replica.server.process.send_signal(signal.SIGTERM)
             fleet.balancer.wait_status(replica.name, "DOWN")
@@ -431,7 +438,7 @@ def test_kill_9_fails_at_most_the_requests_in_flight_and_everything_after_fails_
     fleet = all_up
     victim = fleet.replicas[1]
     before = fleet.balancer.counters()
-    with Load(fleet.balancer.url, test_images) as load:
+    with Load(fleet.balancer.url, test_images, rate=RESTART_RATE) as load:
         load.wait_for(lambda outcomes: served_by(outcomes, victim.name) >= 10, f"{victim.name} to answer")
         killed_at = time.monotonic()
         victim.kill()
