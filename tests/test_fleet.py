@@ -154,8 +154,16 @@ class Balancer:
         return time.monotonic()
 
     def counters(self) -> dict[str, int]:
-        backend = self.stats()["BACKEND"]
-        return {"retries": int(backend["wretr"] or 0), "redispatches": int(backend["wredis"] or 0)}
+        """HAProxy's cumulative counters of the backend: retries (``wretr``: connection attempts
+        retried), redispatches (``wredis``: requests sent again to another replica), connection
+        errors (``econ``), response errors (``eresp``: reset or closed before an answer) and the
+        5xx answers replicas gave it (503 draining ones are retried, 504 passed on)."""
+        stats = self.stats()
+        backend, replicas = stats["BACKEND"], [row for name, row in stats.items() if name.startswith("replica-")]
+        number = lambda value: int(value or 0)  # noqa: E731
+        return {"retried": number(backend["wretr"]), "redispatched": number(backend["wredis"]),
+                "connect_errors": number(backend["econ"]), "response_errors": number(backend["eresp"]),
+                "replica_5xx": sum(number(row["hrsp_5xx"]) for row in replicas)}  # fmt: skip
 
     def stop(self) -> None:
         self.process.terminate()
@@ -300,14 +308,14 @@ def served_by(outcomes: list[Outcome], name: str) -> int:
 
 
 def record(scenario: str, outcomes: list[Outcome], before: dict[str, int], balancer: Balancer, **extra) -> dict:
-    """The scenario's figures: sent, failed by cause, retried and redispatched by HAProxy."""
+    """The scenario's figures: sent, failed by cause (a status or a client error), and what HAProxy
+    counted meanwhile (``Balancer.counters``)."""
     after = balancer.counters()
     figures = {
         "sent": len(outcomes),
         "ok": sum(o.status == 200 for o in outcomes),
         "failed": dict(Counter(o.cause for o in outcomes if o.status != 200)),
-        "retried": after["retries"] - before["retries"],
-        "redispatched": after["redispatches"] - before["redispatches"],
+        "haproxy": {name: after[name] - before[name] for name in after},
         "served_by": dict(sorted(Counter(o.replica or "none" for o in outcomes).items())),
         **extra,
     }
