@@ -160,14 +160,18 @@ class Balancer:
         5xx answers replicas gave it (503 draining ones are retried, 504 passed on)."""
         stats = self.stats()
         backend, replicas = stats["BACKEND"], [row for name, row in stats.items() if name.startswith("replica-")]
-        number = lambda value: int(value or 0)  # noqa: E731
-        return {"retried": number(backend["wretr"]), "redispatched": number(backend["wredis"]),
-                "connect_errors": number(backend["econ"]), "response_errors": number(backend["eresp"]),
-                "replica_5xx": sum(number(row["hrsp_5xx"]) for row in replicas)}  # fmt: skip
+        return {"retried": _count(backend["wretr"]), "redispatched": _count(backend["wredis"]),
+                "connect_errors": _count(backend["econ"]), "response_errors": _count(backend["eresp"]),
+                "replica_5xx": sum(_count(row["hrsp_5xx"]) for row in replicas)}  # fmt: skip
 
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(WAIT_S)
+
+
+def _count(field: str) -> int:
+    """A counter of ``show stat`` (empty where HAProxy keeps none for that row)."""
+    return int(field or 0)
 
 
 @dataclass
@@ -201,7 +205,7 @@ def fleet(tiny_checkpoint, tmp_path_factory) -> Iterator[Fleet]:
 
 
 @pytest.fixture
-def all_up(fleet) -> Fleet:
+def all_up(fleet) -> Iterator[Fleet]:
     """Every scenario starts, and must end, with the three replicas UP."""
     fleet.wait_all_up()
     yield fleet
