@@ -166,6 +166,7 @@ def serve_api_server(settings: Settings, sockets, model: ServedModel, device: st
         app,
         log_level=settings.log_level,
         timeout_graceful_shutdown=settings.drain_grace_s,
+        timeout_keep_alive=settings.keep_alive_s,  # above the balancer's idle timeout (settings)
         access_log=False,
     )
     server = DrainingServer(config, app)

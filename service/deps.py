@@ -42,7 +42,12 @@ class ApiState:
 
     @property
     def ready(self) -> bool:
-        return self.engine is not None and self.engine.engine_alive and self.draining_since is None
+        return self.engine is not None and self.engine.engine_alive and self.draining_since is None and not self.stalled
+
+    @property
+    def stalled(self) -> bool:
+        """The engine core lives but has not turned its loop for ``engine_stall_s`` while work waits."""
+        return self.engine is not None and self.engine.stalled_s() >= self.settings.engine_stall_s
 
 
 def get_api(request: Request) -> ApiState:

@@ -8,6 +8,10 @@ engine never computes it (or stops it after the running stage).
 If the engine process dies, the socket's monitor reports the disconnection at once: every waiting
 request fails with ``ENGINE_GONE`` (the edge answers 503), later ones are refused, and the health
 routes fail. Nothing waits for an answer that cannot come.
+
+A live engine that stops working (a wedged batch, a hung driver) is seen through its heartbeat
+(``stalled_s``): readiness fails, so a balancer stops sending here while the requests already
+waiting run into their deadlines (504).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import contextlib
 import itertools
 import logging
 import os
+import time
 
 import numpy as np
 import zmq
@@ -40,7 +45,7 @@ class EngineError(Exception):
 class EngineClient:
     def __init__(self, address: str, published=None):
         self.address = address
-        self.published = published  # shared memory: [0] requests waiting in the engine's queues
+        self.published = published  # shared memory: [0] queue depth, [1] heartbeat, [2] requests held (engine_core)
         self.engine_alive = True
         self._context = zmq.asyncio.Context()
         self._sock = self._context.socket(zmq.DEALER)
@@ -48,6 +53,7 @@ class EngineClient:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._monitor = self._sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self._futures: dict[int, asyncio.Future] = {}
+        self._sent_at: dict[int, float] = {}  # request id -> time.monotonic() when sent; oldest first
         self._ids = itertools.count()
         self._tasks: list[asyncio.Task] = []
         self._connected = asyncio.Event()
@@ -71,7 +77,23 @@ class EngineClient:
 
     def queue_depth(self) -> int:
         """Requests waiting in the engine's queues, as it last published."""
-        return 0 if self.published is None else self.published[0]
+        return 0 if self.published is None else int(self.published[0])
+
+    def stalled_s(self) -> float:
+        """How long work has waited on an engine that finished no loop turn meanwhile (0: none).
+
+        Work is what the engine held at its last heartbeat, or this server's oldest request not
+        yet answered; a request sent after the last heartbeat counts from when it was sent, so an
+        engine that was merely idle is not called stalled.
+        """
+        if self.published is None:
+            return 0.0
+        held = self.published[2]  # before the beat: the engine writes the beat first
+        now, beat = time.monotonic(), self.published[1]
+        waits = [now - beat] if held else []
+        if self._sent_at:
+            waits.append(now - max(beat, next(iter(self._sent_at.values()))))
+        return max(waits, default=0.0)
 
     def pending(self) -> int:
         """Requests this API server is waiting on."""
@@ -93,6 +115,7 @@ class EngineClient:
         request_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._futures[request_id] = future
+        self._sent_at[request_id] = time.monotonic()
         header = encode(Submit(request_id, threshold, timeout_s, min_threshold, waited_s, explain))
         try:
             await self._sock.send_multipart([header, image.data], copy=False)
@@ -106,6 +129,7 @@ class EngineClient:
             raise
         finally:
             self._futures.pop(request_id, None)
+            self._sent_at.pop(request_id, None)
 
     async def _abort(self, request_id: int) -> None:
         if self.engine_alive and self._futures.pop(request_id, None) is not None:

@@ -343,7 +343,11 @@ def serve_engine_core(settings, address: str, published, ready_conn, cpus, threa
     """Process entry: load and warm up, say so on ``ready_conn``, then loop until ``Shutdown``.
 
     ``published`` is shared memory the API servers read before decoding: ``[0]`` the number of
-    requests waiting in all queues, so overload is refused without spending a decode on it.
+    requests waiting in all queues, so overload is refused without spending a decode on it; ``[1]``
+    the heartbeat, ``time.monotonic()`` (one clock for every process on Linux) after each step
+    and whenever the engine was idle, and ``[2]`` the requests it holds, set before the step: a
+    wedged engine stops beating while it holds work, and the API servers' readiness fails
+    (``engine_stall_s``).
     """
     from service import processes
 
@@ -381,8 +385,11 @@ def _loop(core: EngineCore, sock, published) -> None:
     while not intake.shutdown:
         timeout_ms = None if wait_s is None else max(0, int(wait_s * 1000 + 0.5))
         ready = dict(poller.poll(timeout_ms))
+        if not core.requests:  # idle until now: the stall clock starts with the new work
+            published[1] = time.monotonic()
         if sock in ready:
             intake()
+        published[2] = len(core.requests)  # held from here on, through the step below
         if hooks.wake_fd in ready:
             os.read(hooks.wake_fd, 4096)
         if intake.shutdown:
@@ -391,6 +398,7 @@ def _loop(core: EngineCore, sock, published) -> None:
             wait_s = None  # the engine takes input but runs nothing until a wake-up
         else:
             wait_s = core.step()
+            published[1], published[2] = time.monotonic(), len(core.requests)  # the heartbeat
         published[0] = core.scheduler.num_waiting()
         for client, message in core.take_outbox():  # refusals from the intake too, paused or not
             sock.send_multipart([client, encode(message)], copy=False)

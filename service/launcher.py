@@ -58,7 +58,9 @@ class Launcher:
         os.makedirs(metrics_dir)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # before any child starts
         self.engine_address = f"ipc://{self.run_dir}/engine"
-        self.published = self.context.Array("q", 1, lock=False)  # [0] engine queue depth
+        # [0] engine queue depth, [1] its heartbeat (time.monotonic of its last loop turn), [2] the
+        # requests it held then: what the API servers' readiness reads (service.engine_client)
+        self.published = self.context.Array("d", 3, lock=False)
         gpu = settings.device.startswith("cuda") or (settings.device == "auto" and _cuda_present())
         self.cpus = plan_cpus(settings.auto_or("api_servers"), settings.auto_or("engine_threads"),
                               settings.cpu_affinity, gpu)  # fmt: skip

@@ -288,7 +288,7 @@ async def describe_model(
 # ---------------------------------------------------------------------------------- health
 
 
-NOT_READY = {503: {"description": "Starting, draining or the engine core died", "content": {"application/json": {"schema": {"type": "object"}}}}}
+NOT_READY = {503: {"description": "Starting, draining, the engine core stalled or died", "content": {"application/json": {"schema": {"type": "object"}}}}}
 DEAD = {503: {"description": "The engine core process died", "content": {"application/json": {"schema": {"type": "object"}}}}}
 
 
@@ -303,10 +303,11 @@ async def healthz(api: ApiDep) -> JSONResponse:
 
 @health_router.get("/readyz", responses=NOT_READY)
 async def readyz(api: ApiDep) -> JSONResponse:
-    """Ready: model loaded, every stage warmed up, the engine core alive, not draining."""
+    """Ready: model loaded, every stage warmed up, the engine core alive and not stalled (requests
+    waiting while it finished no loop turn for ``engine_stall_s``), not draining."""
     if not api.engine.engine_alive:
         return JSONResponse({"status": "dead"}, status_code=503)
-    status = "ready" if api.ready else "draining"
+    status = "ready" if api.ready else "stalled" if api.stalled else "draining"
     return JSONResponse({"status": status}, status_code=200 if api.ready else 503)
 
 

@@ -80,6 +80,16 @@ class Settings(BaseSettings):
         allow_inf_nan=False,
         description="on SIGTERM, how long in-flight requests may take before exit",
     )
+    keep_alive_s: float = Field(
+        75.0, gt=0, allow_inf_nan=False, description="how long an idle keep-alive connection stays open "
+        "(uvicorn's timeout_keep_alive); above every balancer's idle timeout in front of the server "
+        "(ALB 60 s, nginx 60 s, docker/haproxy 60 s), so a balancer never reuses a connection the "
+        "server is closing at that moment",
+    )
+    engine_stall_s: float = Field(
+        30.0, gt=0, allow_inf_nan=False, description="readiness fails while requests wait on an engine "
+        "core that has finished no loop turn for this long (wedged: a balancer then stops sending here)",
+    )
     api_token: SecretStr | None = Field(
         None,
         description="bearer token that /classify and /classify/batch require; unset: no authentication",

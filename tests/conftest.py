@@ -140,8 +140,10 @@ def settings_env(settings: dict) -> dict[str, str]:
     return env
 
 
-def launch_server(probe: EngineProbe | None = None, log_dir: Path | None = None, **settings) -> Server:
-    """A real server with these settings on a 127.0.0.1 socket the test binds and hands over.
+def launch_server(probe: EngineProbe | None = None, log_dir: Path | None = None,
+                  address: tuple[str, int] = ("127.0.0.1", 0), **settings) -> Server:  # fmt: skip
+    """A real server with these settings on a socket the test binds (``address``; by default any
+    free 127.0.0.1 port) and hands over.
 
     The socket is bound and listening before the server starts, so the port cannot be taken
     meanwhile and clients can connect at once: their connections wait in the backlog until an API
@@ -151,9 +153,10 @@ def launch_server(probe: EngineProbe | None = None, log_dir: Path | None = None,
     import httpx
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart on the same address
+    sock.bind(address)
     sock.listen(1024)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    url = "http://{}:{}".format(*sock.getsockname())
     settings = {"log_level": "warning", "api_servers": 1, **settings, "fd": sock.fileno()}
     env = {k: v for k, v in os.environ.items() if not k.startswith("THINKINGVIT_")}
     env.update(settings_env(settings | (probe.settings if probe else {})))

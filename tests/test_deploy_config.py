@@ -253,8 +253,10 @@ def test_scale_profile_balances_every_replica_and_prometheus_scrapes_them():
     pool, lb = config["services"]["thinkingvit-pool"], config["services"]["lb"]
     assert int(pool["deploy"]["replicas"]) > 1 and "ports" not in pool
     assert lb["depends_on"]["thinkingvit-pool"]["condition"] == "service_healthy"
-    nginx = (DOCKER / "nginx" / "nginx.conf").read_text()
-    assert re.search(r"server\s+thinkingvit-pool:8000\s+resolve", nginx)
+    mounted = {v.split(":")[1]: DOCKER / v.split(":")[0] for v in lb["volumes"]}
+    haproxy = (mounted["/usr/local/etc/haproxy"] / "haproxy.cfg").read_text()  # the official image's path
+    assert re.search(r"server-template\s+\S+\s+\S+\s+thinkingvit-pool:8000\s+resolvers docker", haproxy)
+    assert lb["image"].startswith("haproxy:2.6"), "the HAProxy that tests/test_fleet.py runs (Debian's 2.6)"
     prometheus = yaml.safe_load((DOCKER / "prometheus" / "prometheus.yml").read_text())
     (job,) = [j for j in prometheus["scrape_configs"] if j["job_name"] == "thinkingvit"]
     (dns,) = job["dns_sd_configs"]

@@ -162,3 +162,42 @@ def test_a_request_cancelled_during_a_retry_is_not_computed(server, probe, backg
     assert [batch for stage, batch in after_oom if stage == 0] == [tuple(ids[:2]), (ids[2],)]
     assert all(victim not in batch for _, batch in after_oom)
     assert_idle_and_serving(server, probe, images[0])
+
+
+# ---------------------------------------------------------------------------------- a wedged engine
+
+
+def readiness(url: str) -> tuple[int, str]:
+    response = httpx.get(f"{url}/readyz")
+    return response.status_code, response.json()["status"]
+
+
+def wait_readiness(url: str, expected: tuple[int, str]) -> None:
+    """Ask /readyz until it answers ``expected``; bounded by a count of round trips, no sleep."""
+    with httpx.Client(base_url=url) as client:
+        for _ in range(20_000):
+            response = client.get("/readyz")
+            if (response.status_code, response.json()["status"]) == expected:
+                return
+    raise AssertionError(f"/readyz never answered {expected}: last {readiness(url)}")
+
+
+def test_a_wedged_engine_fails_readiness_and_its_requests_time_out(start_server, probe, test_images, background):
+    """A batch blocks inside the live engine: once requests have waited ``engine_stall_s`` with no
+    loop turn, /readyz answers 503 "stalled" (a balancer takes the server out) while /healthz stays
+    200 (nothing to restart yet); the waiting requests get 504 at their deadline, not a hang; once
+    the batch ends the server is ready again and answers. Stalled stays stalled after the waiting
+    requests gave up: the engine still holds its batch, and a balancer must not send new ones."""
+    server = start_server(probe, engine_stall_s=0.5, max_batch_size=[1], max_wait_ms=[0.0])
+    assert readiness(server.url) == (200, "ready"), "an idle engine is not stalled, however long idle"
+    probe.hold_next_batch()
+    stuck = [background.submit(post_image, server.url, image, timeout_ms=3000) for image in test_images[:3]]
+    probe.wait_held()
+    wait_readiness(server.url, (503, "stalled"))
+    assert httpx.get(f"{server.url}/healthz").status_code == 200
+    for future in stuck:
+        assert_error(future.result(), 504, "timeout")
+    assert readiness(server.url) == (503, "stalled"), "still wedged once nobody waits: still out"
+    probe.release()
+    wait_readiness(server.url, (200, "ready"))
+    assert_idle_and_serving(server, probe, test_images[0])
