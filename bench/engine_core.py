@@ -1,10 +1,13 @@
-"""Issue #14's side-by-side run: our server per threshold, LitServe (full model), and the floor, all
-driven by ``wrk`` (Debian) with the same multipart Fashion-MNIST PNG uploads, one after another.
+"""Issue #14's side-by-side run: our server per threshold, the peers serving the full model, and the
+floor, all driven by ``wrk`` (Debian; ``bench.wrk``) with the same multipart Fashion-MNIST PNG
+uploads, one after another.
 
     python -m bench.engine_core [--seconds 10] [--connections 64] [--out bench/results]
 
 - ours at threshold 0, the within-0.3-pp threshold and 1 (every setting at its default);
 - LitServe with the batching the issue #7 bench tuned for it (batch 16, 5 ms, 2 workers, 1 thread);
+- plain FastAPI with the model inline in its handler, one request at a time (``bench.peers plain``),
+  with torch's default thread count (one per core: what the issue #7 bench's tuning kept on 2 cores);
 - the floor: a bare FastAPI endpoint (uvicorn, uvloop, httptools) that reads the same multipart
   upload, decodes and preprocesses the image and returns JSON, with no model (``bench.floor``).
 
@@ -12,7 +15,8 @@ Reported, never asserted: images/s, p50/p99 from wrk, busy cores of each server'
 elastic gain against the analytic ratio limit(T) / limit(1) (offline stage timings at the
 server's mean batches, ``bench.limit``), ours / LitServe, and the front-end CPU per request at
 threshold 0 (server CPU-seconds per request minus the model's offline CPU per image) against the
-floor's CPU per request.
+floor's CPU per request. The one open-loop point (Poisson arrivals at 70 % of the peak, for p99 / p50)
+comes from ``bench.loadgen``'s aiohttp client: wrk cannot pace an open loop (see ``bench.wrk``).
 """
 
 from __future__ import annotations
@@ -20,9 +24,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,8 +35,9 @@ import httpx
 import torch
 from PIL import Image
 
+from bench import wrk
 from bench.limit import StageTimer, analytic_limit, scrape
-from bench.loadgen import BOUNDARY, LoadGenerator, Workload, multipart
+from bench.loadgen import CONTENT_TYPE, LoadGenerator, Workload, multipart
 from bench.machine import write_result
 from bench.servers import SystemSpec, python_command, start
 from bench.serving import elastic_threshold, png
@@ -43,58 +46,15 @@ from model.data import load_fashion_mnist
 from model.preprocess import preprocess_image
 from service.settings import DEFAULT_CHECKPOINT
 
-LUA = """
-local bodies, n = {}, 0
-for line in io.lines("%(list)s") do
-  local f = io.open(line, "rb"); n = n + 1; bodies[n] = f:read("*all"); f:close()
-end
-local i = 0
-request = function()
-  i = i %% n + 1
-  return wrk.format("POST", nil, {["Content-Type"] = "multipart/form-data; boundary=%(boundary)s"}, bodies[i])
-end
-"""
-
-
-def multipart_bodies(pngs: list[bytes], folder: Path) -> Path:
-    """One file per request body, and the list wrk's script reads them from."""
-    paths = []
-    for i, data in enumerate(pngs):
-        path = folder / f"body-{i}.bin"
-        path.write_bytes(multipart([data], "file"))
-        paths.append(str(path))
-    listing = folder / "bodies.txt"
-    listing.write_text("\n".join(paths) + "\n")
-    script = folder / "post.lua"
-    script.write_text(LUA % {"list": listing, "boundary": BOUNDARY})
-    return script
-
-
-def run_wrk(url: str, script: Path, seconds: float, connections: int) -> dict:
-    out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{round(seconds)}s", "--latency", "-s", str(script), url],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    total = int(re.search(r"(\d+) requests in", out).group(1))
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    latency = {q: _ms(re.search(rf"\s{q}%\s+([\d.]+\w+)", out).group(1)) for q in ("50", "99")}
-    return {"images_per_s": rps, "requests": total, "non_2xx": int(errors.group(1)) if errors else 0,
-            "p50_ms": latency["50"], "p99_ms": latency["99"]}  # fmt: skip
-
-
-def _ms(text: str) -> float:
-    value, unit = re.match(r"([\d.]+)(\w+)", text).groups()
-    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
-
-
 def measure(server, url: str, script: Path, seconds: float, connections: int) -> dict:
     """A short warm-up, then the measured window with the server tree's CPU time around it."""
-    run_wrk(url, script, 2, connections)
+    wrk.run(url, script, 2, connections)
     cpu_before, wall_before = server.cpu_seconds(), time.monotonic()
-    result = run_wrk(url, script, seconds, connections)
+    run = wrk.run(url, script, seconds, connections)
     busy = (server.cpu_seconds() - cpu_before) / (time.monotonic() - wall_before)
-    return result | {"busy_cores": busy, "cpu_ms_per_request": 1000 * busy / result["images_per_s"]}
+    return {"images_per_s": run.requests_per_s, "requests": run.requests, "non_2xx": run.http_errors,
+            "socket_errors": run.socket_errors, "p50_ms": run.latency_ms["p50"], "p99_ms": run.latency_ms["p99"],
+            "busy_cores": busy, "cpu_ms_per_request": 1000 * busy / run.requests_per_s}  # fmt: skip
 
 
 def open_loop_at(url: str, pngs: list[bytes], threshold: float, rate: float, seconds: float) -> dict:
@@ -125,9 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     images = torch.stack([preprocess_image(Image.open(io.BytesIO(b)), loaded.preprocess) for b in pngs])
     elastic, _why = elastic_threshold(DEFAULT_CHECKPOINT)
     work = Path(tempfile.mkdtemp(prefix="thinkingvit-bench-"))
-    script = multipart_bodies(pngs, work)
+    script = wrk.write_script([multipart([data], "file") for data in pngs], CONTENT_TYPE, work)
     results: dict = {"date": datetime.now(UTC).isoformat(timespec="minutes"), "elastic_threshold": elastic,
-                     "wrk": {"threads": 1, "connections": args.connections, "seconds": args.seconds}}  # fmt: skip
+                     "wrk": {"version": wrk.version(), "threads": 1, "connections": args.connections,
+                             "seconds": wrk.whole_seconds(args.seconds)}}  # fmt: skip
 
     ours = start(SystemSpec("ours", python_command("-m", "service.cli", "serve", "--log-level", "warning"), "/readyz"), work)
     try:
@@ -155,6 +116,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         litserve.stop()
 
+    threads = torch.get_num_threads()
+    plain = start(SystemSpec("fastapi", python_command(
+        "-m", "bench.peers", "plain", "--checkpoint", str(DEFAULT_CHECKPOINT), "--threads", str(threads)), "/readyz",
+        env={"OMP_NUM_THREADS": str(threads)}), work)  # fmt: skip
+    try:
+        results["fastapi"] = measure(plain, f"{plain.url}/classify", script, args.seconds, args.connections)
+        results["fastapi"]["torch_threads"] = threads
+        print(f"plain FastAPI, model inline: {json.dumps(results['fastapi'])}", flush=True)
+    finally:
+        plain.stop()
+
     floor = start(SystemSpec("floor", python_command("-m", "bench.floor"), "/readyz"), work)
     try:
         results["floor"] = measure(floor, f"{floor.url}/classify", script, args.seconds, args.connections)
@@ -175,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     front_ms = zero["cpu_ms_per_request"] - zero["model_cpu_ms_per_image"]
     results["goals"] = {
         "ours_at_elastic_over_litserve": high["images_per_s"] / results["litserve"]["images_per_s"],
+        "ours_at_elastic_over_fastapi": high["images_per_s"] / results["fastapi"]["images_per_s"],
         "elastic_gain": high["images_per_s"] / full["images_per_s"],
         "analytic_ratio": high["limit_images_per_s"] / full["limit_images_per_s"],
         "elastic_gain_over_analytic_ratio": (high["images_per_s"] / full["images_per_s"])

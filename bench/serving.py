@@ -29,9 +29,9 @@ from pathlib import Path
 import httpx
 import torch
 
-from bench import report
+from bench import report, wrk
 from bench.limit import StageTimer, analytic_limit, scrape, server_stats
-from bench.loadgen import LoadGenerator, Workload
+from bench.loadgen import CONTENT_TYPE, LoadGenerator, Workload
 from bench.machine import describe, package_version
 from bench.servers import (
     RunningServer,
@@ -51,17 +51,19 @@ SYNTHETIC_IMAGES = 512  # distinct synthetic PNGs; requests cycle through them
 
 @dataclass(frozen=True)
 class Plan:
-    """How long and how hard each part runs."""
+    """How long and how hard each part runs. wrk's runs (every throughput point) last whole
+    seconds, at least one; a warm-up of 0 is none."""
 
     images: int = 10_000  # test images turned into PNGs (requests cycle through them)
-    concurrency: int = 64  # closed-loop clients of the per-threshold runs
+    concurrency: int = 64  # closed-loop connections of the per-threshold runs
     warmup_s: float = 1.0
     measure_s: float = 6.0
     batch_images: int = 32  # images per /classify/batch request
     batch_concurrency: int = 4
     sweep: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
-    sweep_warmup_s: float = 0.5
-    sweep_measure_s: float = 3.5
+    sweep_warmup_s: float = 1.0
+    sweep_measure_s: float = 3.0
+    check_images: int = 1000  # images the checking client scores per threshold row and per system
     open_loop_warmup_s: float = 1.0
     open_loop_measure_s: float = 10.0
     # LitServe batching grid: (max_batch_size, batch_timeout_ms, workers_per_device); each is tried
@@ -70,17 +72,16 @@ class Plan:
     tune: bool = True  # try each system's torch thread counts (and LitServe's grid), keep the best
     threads: int = 0  # torch threads per server process when not tuning (0: torch's default)
     tune_measure_s: float = 3.0
-    min_requests: int = 20  # a closed-loop window stays open until this many were answered in it
+    min_requests: int = 20  # an open-loop window stays open until this many were answered in it
     timing_s: float = 0.25  # offline: least seconds timed per (stage, batch)
 
 
 FULL = Plan()
 SMOKE = Plan(
-    images=128, concurrency=4, warmup_s=0.2, measure_s=0.5, batch_images=8, batch_concurrency=2,
-    sweep=(1, 8), sweep_warmup_s=0.2, sweep_measure_s=0.5, open_loop_warmup_s=0.2,
-    open_loop_measure_s=0.5, litserve_grid=((8, 2.0, 1),), tune=False, threads=1, tune_measure_s=0.5,
-    min_requests=4,
-    timing_s=0.02,
+    images=128, concurrency=8, warmup_s=0, measure_s=1, batch_images=8, batch_concurrency=2,
+    sweep=(1, 8), sweep_warmup_s=0, sweep_measure_s=1, check_images=16, open_loop_warmup_s=0.1,
+    open_loop_measure_s=0.4, litserve_grid=((8, 2.0, 1),), tune=False, threads=1, tune_measure_s=1,
+    min_requests=4, timing_s=0.02,
 )  # fmt: skip
 
 
@@ -234,78 +235,127 @@ def litserve_spec(ctx: Context, max_batch: int, timeout_ms: float, workers: int,
 # ------------------------------------------------------------------------------------ runs
 
 
-def generator(server: RunningServer) -> LoadGenerator:
-    return LoadGenerator(server.url, {"server": server.cpu_seconds, "machine": machine_cpu_seconds})
+@dataclass(frozen=True)
+class Requests:
+    """One kind of request for both clients: the checking client's workload (bodies and labels) and
+    wrk's script posting the same bodies."""
+
+    work: Workload
+    script: Path  # wrk's Lua script
+    images: int  # per request
+
+    @classmethod
+    def build(cls, pngs: list[bytes], labels: list[int], folder: Path, batch: int = 1) -> Requests:
+        work = Workload.build(pngs, labels, batch=batch)
+        return cls(work, wrk.write_script(work.bodies, CONTENT_TYPE, folder, f"batch{batch}"), batch)
 
 
-def closed(
-    server: RunningServer, work: Workload, concurrency: int, warmup_s: float, measure_s: float, min_requests: int
-) -> dict:
-    gen = generator(server)
-    summary = gen.closed_loop(work, concurrency, warmup_s, measure_s, min_requests).summary(num_stages=2)
-    if summary.get("other_cpu_cores", 0) > OTHER_LOAD_WARNING:
-        log.warning("  other processes used %.2f cores during this run: its figures are disturbed",
-                    summary["other_cpu_cores"])
-    return {"concurrency": concurrency, **summary}
+def warm_up(server: RunningServer, requests: Requests, query: str, concurrency: int, seconds: float) -> None:
+    """wrk for ``seconds`` (none when 0), unmeasured: connections open, queues and caches fill."""
+    if seconds > 0:
+        wrk.run(f"{server.url}{requests.work.path}{query}", requests.script, seconds, concurrency)
+
+
+def throughput(server: RunningServer, requests: Requests, query: str, concurrency: int, measure_s: float) -> dict:
+    """A closed-loop point from wrk, with the CPU time of the server's process tree, of wrk and of
+    the whole machine around it (other processes: what neither used)."""
+    server_cpu, machine_cpu, wall = server.cpu_seconds(), machine_cpu_seconds(), time.monotonic()
+    run = wrk.run(f"{server.url}{requests.work.path}{query}", requests.script, measure_s, concurrency)
+    wall = time.monotonic() - wall
+    cores = {"server": (server.cpu_seconds() - server_cpu) / wall, "client": run.cpu_s / wall}
+    other = max(0.0, (machine_cpu_seconds() - machine_cpu) / wall - sum(cores.values()))
+    if other > OTHER_LOAD_WARNING:
+        log.warning("  other processes used %.2f cores during this run: its figures are disturbed", other)
+    errors = {"http >= 400": run.http_errors} if run.http_errors else {}
+    return {
+        "concurrency": concurrency, "client": "wrk", "requests": run.requests, "images": run.requests * requests.images,
+        "seconds": round(run.seconds, 3), "requests_per_s": run.requests_per_s,
+        "images_per_s": run.requests_per_s * requests.images, "latency_ms": run.latency_ms,
+        "errors": errors | {f"socket {k}": n for k, n in run.socket_errors.items()},
+        "server_cpu_cores": cores["server"], "client_cpu_cores": cores["client"], "other_cpu_cores": other,
+    }  # fmt: skip
+
+
+def check(server: RunningServer, requests: Requests, query: str, concurrency: int, plan: Plan) -> dict:
+    """The checking client (``bench.loadgen``, aiohttp), not timed: at least ``plan.check_images``
+    images, every answer scored against its label; what wrk, which does not read answers, cannot tell."""
+    need = math.ceil(plan.check_images / requests.images)  # requests
+    run = LoadGenerator(server.url).closed_loop(requests.work.with_query(query), min(concurrency, need), 0.0, 0.0, need)
+    summary = run.summary(num_stages=2)
+    keep = ("accuracy", "exit_share", "gmacs_per_image", "mean_threshold", "degraded", "errors")
+    return {"client": "aiohttp", "images": summary["images"], **{k: summary[k] for k in keep if k in summary}}
 
 
 def open_loop(server: RunningServer, work: Workload, rate: float, plan: Plan) -> dict:
-    gen = generator(server)
+    """Poisson arrivals from the aiohttp client: wrk cannot pace an open loop (see ``bench.wrk``)."""
+    gen = LoadGenerator(server.url, {"server": server.cpu_seconds, "machine": machine_cpu_seconds})
     run = gen.open_loop(work, rate, plan.open_loop_warmup_s, plan.open_loop_measure_s, plan.min_requests)
     summary = run.summary(num_stages=2)
     lat = summary["latency_ms"]
-    return {"offered_rate": rate, **summary, "p99_over_p50": report.ratio(lat["p99"], lat["p50"])}
+    return {"offered_rate": rate, "client": "aiohttp", **summary, "p99_over_p50": report.ratio(lat["p99"], lat["p50"])}
 
 
-def threshold_run(server: RunningServer, work: Workload, threshold: float, concurrency: int, plan: Plan) -> dict:
+def threshold_run(server: RunningServer, requests: Requests, threshold: float, concurrency: int, plan: Plan) -> dict:
+    """One threshold: its answers scored (aiohttp), then wrk's throughput point, with the server's
+    /metrics around the measured run for its batch sizes and the share r sent on."""
     metrics = lambda: scrape(httpx.get(server.url + "/metrics", timeout=10).text)
+    query = f"?threshold={threshold:g}"
+    scored = check(server, requests, query, concurrency, plan)
+    warm_up(server, requests, query, concurrency, plan.warmup_s)
     before = metrics()
-    row = closed(
-        server, work.with_query(f"?threshold={threshold:g}"), concurrency, plan.warmup_s, plan.measure_s,
-        plan.min_requests,
-    )
-    return {"threshold": threshold, **row, "server": server_stats(before, metrics(), num_stages=2)}
+    point = throughput(server, requests, query, concurrency, plan.measure_s)
+    return {"threshold": threshold, **point, "check": scored, "server": server_stats(before, metrics(), num_stages=2)}
 
 
-def sweep_and_open_loop(ctx: Context, server: RunningServer, work: Workload, label: str) -> dict:
-    plan = ctx.plan
-    points = []
+def sweep_and_open_loop(
+    ctx: Context, server: RunningServer, requests: Requests, label: str, query: str = "",
+    measured: dict[int, dict] | None = None, scored: dict | None = None,
+) -> dict:  # fmt: skip
+    """wrk at each of the sweep's concurrencies (a point in ``measured``, taken by a per-threshold
+    run on the same server, is not measured twice), then the open loop at 70 % of the peak and the
+    system's answers scored (unless ``scored`` already has them)."""
+    plan, points = ctx.plan, []
     for c in plan.sweep:
-        points.append(closed(server, work, c, plan.sweep_warmup_s, plan.sweep_measure_s, plan.min_requests))
+        if c in (measured or {}):
+            points.append(measured[c])
+        else:
+            warm_up(server, requests, query, c, plan.sweep_warmup_s)
+            points.append(throughput(server, requests, query, c, plan.sweep_measure_s))
         log.info("  %s c=%d: %.0f img/s p50 %.1f ms p99 %.1f ms", label, c, points[-1]["images_per_s"],
                  points[-1]["latency_ms"]["p50"], points[-1]["latency_ms"]["p99"])
     peak = max(points, key=lambda p: p["images_per_s"])
     if not peak["requests"]:
         raise RuntimeError(f"{label}: no successful response ({peak['errors']}); server log:\n{server.log_tail()}")
     rate = OPEN_LOOP_LOAD * peak["requests_per_s"]
-    poisson = open_loop(server, work, rate, plan)
+    poisson = open_loop(server, requests.work.with_query(query), rate, plan)
     log.info("  %s open loop at %.0f req/s: p50 %.1f ms p99 %.1f ms (p99/p50 %.2f)", label, rate,
              poisson["latency_ms"]["p50"], poisson["latency_ms"]["p99"], poisson["p99_over_p50"])
-    return {"sweep": points, "peak": peak, "open_loop": poisson}
+    scored = scored or check(server, requests, query, plan.concurrency, plan)
+    return {"sweep": points, "peak": peak, "open_loop": poisson, "check": scored}
 
 
-def tune(ctx: Context, specs: list[SystemSpec], work: Workload) -> tuple[SystemSpec, list[dict]]:
-    """Start each candidate, measure it at the sweep's top concurrency, keep the best (images/s)."""
+def tune(ctx: Context, specs: list[SystemSpec], requests: Requests, query: str = "") -> tuple[SystemSpec, list[dict]]:
+    """Start each candidate, measure it with wrk at the sweep's top concurrency, keep the best (images/s)."""
     if len(specs) == 1:
         return specs[0], []
     plan, top, rows = ctx.plan, max(ctx.plan.sweep), []
     for spec in specs:
         server = start(spec, ctx.log_dir)
         try:
-            row = closed(server, work, top, plan.sweep_warmup_s, plan.tune_measure_s, min_requests=0)
+            warm_up(server, requests, query, top, plan.sweep_warmup_s)
+            row = throughput(server, requests, query, top, plan.tune_measure_s)
         finally:
             server.stop()
         rows.append({"name": spec.name, **spec.settings, "images_per_s": row["images_per_s"],
-                     "p50_ms": row["latency_ms"]["p50"], "other_cpu_cores": row.get("other_cpu_cores")})  # fmt: skip
+                     "p50_ms": row["latency_ms"]["p50"], "other_cpu_cores": row["other_cpu_cores"]})  # fmt: skip
         log.info("  tuning %s: %.0f img/s at c=%d", spec.name, row["images_per_s"], top)
     best = max(rows, key=lambda r: r["images_per_s"])
     return next(s for s in specs if s.name == best["name"]), rows
 
 
-def bench_ours(ctx: Context, single: Workload, batch: Workload, thresholds: list[float], elastic: float) -> dict:
+def bench_ours(ctx: Context, single: Requests, batch: Requests, thresholds: list[float], elastic: float) -> dict:
     plan, out = ctx.plan, {"single": [], "batch": [], "systems": {}}
-    full_model = single.with_query("?threshold=1")
-    spec, out["tuning"] = tune(ctx, [ours_spec(ctx, t) for t in thread_options(ctx)], full_model)
+    spec, out["tuning"] = tune(ctx, [ours_spec(ctx, t) for t in thread_options(ctx)], single, "?threshold=1")
     out["settings"] = spec.settings
     server = start(spec, ctx.log_dir)
     log.info("our server (%s) ready in %.1f s at %s", spec.name, server.startup_s, server.url)
@@ -318,29 +368,31 @@ def bench_ours(ctx: Context, single: Workload, batch: Workload, thresholds: list
             log.info("  batch endpoint, threshold %g: %s", t, _brief(out["batch"][-1]))
         for name, t in ((f"ours@{elastic:g}", elastic), ("ours@1", 1.0)):
             log.info("sweep: %s", name)
-            run = sweep_and_open_loop(ctx, server, single.with_query(f"?threshold={t:g}"), name)
+            row = report.row_at(out["single"], t)
+            run = sweep_and_open_loop(ctx, server, single, name, f"?threshold={t:g}",
+                                      measured={plan.concurrency: dict(row)}, scored=row["check"])  # fmt: skip
             out["systems"][name] = {"threshold": t, "startup_s": server.startup_s, **run}
     finally:
         server.stop()
     return out
 
 
-def bench_plain(ctx: Context, single: Workload, batch: Workload) -> dict:
+def bench_plain(ctx: Context, single: Requests, batch: Requests) -> dict:
     spec, tuning = tune(ctx, [plain_spec(ctx, t) for t in thread_options(ctx)], single)
     server = start(spec, ctx.log_dir)
     log.info("per-request FastAPI (%s) ready in %.1f s", spec.name, server.startup_s)
     try:
         run = sweep_and_open_loop(ctx, server, single, "fastapi")
         plan = ctx.plan
-        run["batch_endpoint"] = closed(
-            server, batch, plan.batch_concurrency, plan.warmup_s, plan.measure_s, plan.min_requests
-        )
+        scored = check(server, batch, "", plan.batch_concurrency, plan)
+        warm_up(server, batch, "", plan.batch_concurrency, plan.warmup_s)
+        run["batch_endpoint"] = {**throughput(server, batch, "", plan.batch_concurrency, plan.measure_s), "check": scored}
     finally:
         server.stop()
     return {"startup_s": server.startup_s, "tuning": tuning, "settings": spec.settings, **run}
 
 
-def bench_litserve(ctx: Context, single: Workload) -> dict:
+def bench_litserve(ctx: Context, single: Requests) -> dict:
     """Tune batching and threads on the grid, then the sweep and the open-loop run with the best."""
     grid = ctx.plan.litserve_grid if ctx.plan.tune else ctx.plan.litserve_grid[:1]
     specs = [litserve_spec(ctx, b, ms, w, t) for b, ms, w in grid for t in thread_options(ctx, w)]
@@ -418,7 +470,7 @@ def metadata(ctx: Context, started: float, result_rows: list[dict]) -> dict:
         "default_torch_threads": ctx.threads,
         "max_other_cpu_cores": max_other_load(result_rows),
         "versions": {p: package_version(p) for p in ("torch", "fastapi", "starlette", "uvicorn", "httpx", "aiohttp",
-                                              "litserve", "uvloop", "httptools", "pydantic")},
+                                              "litserve", "uvloop", "httptools", "pydantic")} | {"wrk": wrk.version()},
         "uvicorn_loop_http": f"{'uvloop' if _has('uvloop') else 'asyncio'} + "
                              f"{'httptools' if _has('httptools') else 'h11'} (uvicorn 'auto', every server)",
         "checkpoint": _shown_path(ctx.checkpoint),
@@ -428,8 +480,14 @@ def metadata(ctx: Context, started: float, result_rows: list[dict]) -> dict:
         "image_count": len(ctx.pngs),
         "smoke": bool(ctx.args.smoke),
         "plan": asdict(ctx.plan),
-        "load_generator": "bench/loadgen.py: one asyncio process, aiohttp on keep-alive connections, "
-                          "requests pre-built, every response parsed and checked against its label",
+        "clients": {
+            "throughput": f"{wrk.version()} (closed loop, 1 thread, a Lua script posting the pre-built "
+                          "multipart bodies; answers not read): every images/s and closed-loop latency",
+            "checking": "bench/loadgen.py (aiohttp, one asyncio process): each row's and system's answers "
+                        "scored against their labels (accuracy, exit shares, GMACs), untimed",
+            "open_loop": "bench/loadgen.py (aiohttp): Poisson arrivals, latency from the scheduled arrival "
+                         "(wrk cannot pace an open loop; wrk2 is not in Debian)",
+        },
         "wall_s": round(time.perf_counter() - started, 1),
     }  # fmt: skip
 
@@ -448,7 +506,7 @@ def _has(module: str) -> bool:
 
 def _brief(row: dict) -> str:
     lat = row["latency_ms"]
-    return (f"{row['images_per_s']:.0f} img/s, acc {row['accuracy']:.2f} %, p50 {lat['p50']:.1f} ms, "
+    return (f"{row['images_per_s']:.0f} img/s, acc {row['check']['accuracy']:.2f} %, p50 {lat['p50']:.1f} ms, "
             f"p99 {lat['p99']:.1f} ms, r {row['server']['r']:.2f}, CPU cores: server {row['server_cpu_cores']:.2f}, "
             f"client {row['client_cpu_cores']:.2f}, other processes {row['other_cpu_cores']:.2f}")
 
@@ -532,8 +590,8 @@ def measure(args: argparse.Namespace, tmp: Path, out: Path) -> dict:
     elastic, why = elastic_threshold(checkpoint)
     thresholds = sorted(set(STANDARD_THRESHOLDS) | {elastic})
     log.info("%d PNGs; thresholds %s (elastic %g: %s); server logs in %s", len(pngs), thresholds, elastic, why, tmp)
-    single = Workload.build(pngs, labels)
-    batch = Workload.build(pngs, labels, batch=plan.batch_images)
+    single = Requests.build(pngs, labels, tmp)
+    batch = Requests.build(pngs, labels, tmp, batch=plan.batch_images)
 
     ours = bench_ours(ctx, single, batch, thresholds, elastic)
     systems = dict(ours.pop("systems"))
