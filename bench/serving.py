@@ -23,7 +23,7 @@ import shlex
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -36,8 +36,10 @@ from bench.machine import describe, package_version
 from bench.servers import (
     RunningServer,
     SystemSpec,
+    launch,
     machine_cpu_seconds,
     python_command,
+    ready,
     start,
 )
 
@@ -74,6 +76,9 @@ class Plan:
     tune_measure_s: float = 3.0
     min_requests: int = 20  # an open-loop window stays open until this many were answered in it
     timing_s: float = 0.25  # offline: least seconds timed per (stage, batch)
+    # launch the peers' servers (untuned only) once ours is ready, so their startup overlaps its
+    # runs: it disturbs ours' figures, which only a smoke run may afford
+    start_peers_early: bool = False
 
 
 FULL = Plan()
@@ -81,7 +86,7 @@ SMOKE = Plan(
     images=128, concurrency=8, warmup_s=0, measure_s=1, batch_images=8, batch_concurrency=2,
     sweep=(1, 8), sweep_warmup_s=0, sweep_measure_s=1, check_images=16, open_loop_warmup_s=0.1,
     open_loop_measure_s=0.4, litserve_grid=((8, 2.0, 1),), tune=False, threads=1, tune_measure_s=1,
-    min_requests=4, timing_s=0.02,
+    min_requests=4, timing_s=0.02, start_peers_early=True,
 )  # fmt: skip
 
 
@@ -96,6 +101,7 @@ class Context:
     labels: list[int]
     synthetic: bool
     log_dir: Path
+    early: dict[str, RunningServer] = field(default_factory=dict)  # launched early, by spec name
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -197,7 +203,7 @@ def ours_spec(ctx: Context, threads: int) -> SystemSpec:
 
     flags = ["--checkpoint", str(ctx.checkpoint), "--device", ctx.device, "--log-level", "warning"]
     extra = shlex.split(ctx.args.serve_args or "")
-    defaults = {name: field.default for name, field in Settings.model_fields.items() if name not in ("host", "port")}
+    defaults = {name: info.default for name, info in Settings.model_fields.items() if name not in ("host", "port")}
     recorded = {**defaults, "checkpoint": _shown_path(ctx.checkpoint), "device": ctx.device,
                 "log_level": "warning", "extra_flags": extra}  # fmt: skip
     return SystemSpec(
@@ -230,6 +236,33 @@ def litserve_spec(ctx: Context, max_batch: int, timeout_ms: float, workers: int,
          "num_api_servers": 1, "fast_queue": False, "device": ctx.device},
         server_env(threads),
     )  # fmt: skip
+
+
+def peer_specs(ctx: Context) -> dict[str, list[SystemSpec]]:
+    """Each peer's candidate servers (one each unless tuning), LitServe only when wanted."""
+    specs = {"fastapi": [plain_spec(ctx, t) for t in thread_options(ctx)]}
+    if want_litserve(ctx.args):
+        grid = ctx.plan.litserve_grid if ctx.plan.tune else ctx.plan.litserve_grid[:1]
+        specs["litserve"] = [litserve_spec(ctx, b, ms, w, t) for b, ms, w in grid for t in thread_options(ctx, w)]
+    return specs
+
+
+def want_litserve(args: argparse.Namespace) -> bool:
+    return not args.no_litserve and _has("litserve")
+
+
+def launch_peers_early(ctx: Context) -> None:
+    """With ``plan.start_peers_early`` and nothing to tune: launch every peer's one server now."""
+    if ctx.plan.start_peers_early:
+        for specs in peer_specs(ctx).values():
+            if len(specs) == 1:
+                ctx.early[specs[0].name] = launch(specs[0], ctx.log_dir)
+
+
+def start_system(ctx: Context, spec: SystemSpec) -> RunningServer:
+    """``spec``'s server, ready: the one launched early if there is one, else a new one."""
+    early = ctx.early.pop(spec.name, None)
+    return ready(early) if early else start(spec, ctx.log_dir)
 
 
 # ------------------------------------------------------------------------------------ runs
@@ -359,6 +392,7 @@ def bench_ours(ctx: Context, single: Requests, batch: Requests, thresholds: list
     out["settings"] = spec.settings
     server = start(spec, ctx.log_dir)
     log.info("our server (%s) ready in %.1f s at %s", spec.name, server.startup_s, server.url)
+    launch_peers_early(ctx)
     try:
         for t in thresholds:
             out["single"].append(threshold_run(server, single, t, plan.concurrency, plan))
@@ -378,8 +412,8 @@ def bench_ours(ctx: Context, single: Requests, batch: Requests, thresholds: list
 
 
 def bench_plain(ctx: Context, single: Requests, batch: Requests) -> dict:
-    spec, tuning = tune(ctx, [plain_spec(ctx, t) for t in thread_options(ctx)], single)
-    server = start(spec, ctx.log_dir)
+    spec, tuning = tune(ctx, peer_specs(ctx)["fastapi"], single)
+    server = start_system(ctx, spec)
     log.info("per-request FastAPI (%s) ready in %.1f s", spec.name, server.startup_s)
     try:
         run = sweep_and_open_loop(ctx, server, single, "fastapi")
@@ -394,10 +428,8 @@ def bench_plain(ctx: Context, single: Requests, batch: Requests) -> dict:
 
 def bench_litserve(ctx: Context, single: Requests) -> dict:
     """Tune batching and threads on the grid, then the sweep and the open-loop run with the best."""
-    grid = ctx.plan.litserve_grid if ctx.plan.tune else ctx.plan.litserve_grid[:1]
-    specs = [litserve_spec(ctx, b, ms, w, t) for b, ms, w in grid for t in thread_options(ctx, w)]
-    spec, tuning = tune(ctx, specs, single)
-    server = start(spec, ctx.log_dir)
+    spec, tuning = tune(ctx, peer_specs(ctx)["litserve"], single)
+    server = start_system(ctx, spec)
     log.info("LitServe (%s) ready in %.1f s", spec.name, server.startup_s)
     try:
         run = sweep_and_open_loop(ctx, server, single, "litserve")
@@ -593,13 +625,17 @@ def measure(args: argparse.Namespace, tmp: Path, out: Path) -> dict:
     single = Requests.build(pngs, labels, tmp)
     batch = Requests.build(pngs, labels, tmp, batch=plan.batch_images)
 
-    ours = bench_ours(ctx, single, batch, thresholds, elastic)
-    systems = dict(ours.pop("systems"))
-    systems["fastapi"] = bench_plain(ctx, single, batch)
-    if args.no_litserve or not _has("litserve"):
-        log.info("LitServe skipped (%s)", "--no-litserve" if args.no_litserve else "not installed")
-    else:
-        systems["litserve"] = bench_litserve(ctx, single)
+    try:
+        ours = bench_ours(ctx, single, batch, thresholds, elastic)
+        systems = dict(ours.pop("systems"))
+        systems["fastapi"] = bench_plain(ctx, single, batch)
+        if want_litserve(args):
+            systems["litserve"] = bench_litserve(ctx, single)
+        else:
+            log.info("LitServe skipped (%s)", "--no-litserve" if args.no_litserve else "not installed")
+    finally:
+        for server in ctx.early.values():  # launched early but not reached (a failure on the way)
+            server.stop()
     offline = add_limits(ctx, ours)
 
     result = {
