@@ -1,7 +1,7 @@
 """The serving benchmark of issue #7: our server at several thresholds against its analytic limit and
-against peers serving the full model, all over HTTP under one load generator.
+against peers serving the full model, all over HTTP, under the same clients.
 
-    python -m bench                         # the shipped model, Fashion-MNIST test PNGs (~5 min on 2 cores)
+    python -m bench                         # the shipped model, Fashion-MNIST test PNGs (~7 min on 2 cores)
     python -m bench --smoke                 # a tiny random model, seconds (CI)
     python -m bench --device cuda --preset deit-s-3-6 --synthetic   # ImageNet-size, random weights
     thinkingvit bench ...                   # the same
@@ -12,7 +12,14 @@ concurrency sweep and the open-loop Poisson run at 70 % of the sweep's peak, for
 within-0.3-pp threshold and at threshold 1, the per-request FastAPI peer and LitServe (batching
 tuned on a small grid first); (3) in-process per-stage timings at the server's batch sizes for the
 analytic limit. Writes ``<out>/<date>-<machine>.{json,md}`` and two PNG plots.
-"""
+
+Clients (issue #16: throughput from a client we did not write):
+- every throughput point (each threshold, the batch endpoint, the sweep, the tuning runs, for us and
+  every peer) comes from ``wrk`` (``bench.wrk``), closed loop;
+- accuracy, exit shares and GMACs come from the checking client (``bench.loadgen``, aiohttp), which
+  scores ``plan.check_images`` answers per row and per system against their labels, untimed;
+- the open-loop run stays on that aiohttp client too: wrk cannot pace Poisson arrivals, and wrk2,
+  which can, is not in Debian.
 from __future__ import annotations
 
 import argparse

@@ -52,7 +52,7 @@ def test_runtime_dependencies_have_no_test_tools():
 
 def test_test_install_has_everything():
     lists = install_lists("test")
-    assert set(lists["apt"].split()) == {"dataset-fashion-mnist", "prometheus", "podman", "runc", "debootstrap", "chromium"}
+    assert set(lists["apt"].split()) == {"dataset-fashion-mnist", "prometheus", "podman", "runc", "debootstrap", "chromium", "wrk"}
     assert lists["pip"].split() == ["torch==2.13.0", "-e", ".[test]"]
     assert lists["pip --no-deps"] == "timm==1.0.31"
     assert lists["perf_analyzer"] == "perf-analyzer==2.60.0"  # by scripts/install-perf-analyzer, not pip
