@@ -20,6 +20,8 @@ Clients (issue #16: throughput from a client we did not write):
   scores ``plan.check_images`` answers per row and per system against their labels, untimed;
 - the open-loop run stays on that aiohttp client too: wrk cannot pace Poisson arrivals, and wrk2,
   which can, is not in Debian.
+"""
+
 from __future__ import annotations
 
 import argparse
