@@ -299,10 +299,13 @@ def warm_up(server: RunningServer, requests: Requests, query: str, concurrency: 
 
 
 def throughput(server: RunningServer, requests: Requests, query: str, concurrency: int, measure_s: float) -> dict:
-    """A closed-loop point from wrk, with the CPU time of the server's process tree, of wrk and of
-    the whole machine around it (other processes: what neither used)."""
+    """A closed-loop point from wrk on a settled server (see ``wrk.settle``), with the CPU time of
+    the server's process tree, of wrk and of the whole machine around it (other processes: what
+    neither used)."""
+    url = f"{server.url}{requests.work.path}{query}"
+    wrk.settle(url, requests.work.bodies[0], CONTENT_TYPE)
     server_cpu, machine_cpu, wall = server.cpu_seconds(), machine_cpu_seconds(), time.monotonic()
-    run = wrk.run(f"{server.url}{requests.work.path}{query}", requests.script, measure_s, concurrency)
+    run = wrk.run(url, requests.script, measure_s, concurrency)
     wall = time.monotonic() - wall
     cores = {"server": (server.cpu_seconds() - server_cpu) / wall, "client": run.cpu_s / wall}
     other = max(0.0, (machine_cpu_seconds() - machine_cpu) / wall - sum(cores.values()))
@@ -369,6 +372,7 @@ def sweep_and_open_loop(
     if not peak["requests"]:
         raise RuntimeError(f"{label}: no successful response ({peak['errors']}); server log:\n{server.log_tail()}")
     rate = OPEN_LOOP_LOAD * peak["requests_per_s"]
+    wrk.settle(f"{server.url}{requests.work.path}{query}", requests.work.bodies[0], CONTENT_TYPE)
     poisson = open_loop(server, requests.work.with_query(query), rate, plan)
     log.info("  %s open loop at %.0f req/s: p50 %.1f ms p99 %.1f ms (p99/p50 %.2f)", label, rate,
              poisson["latency_ms"]["p50"], poisson["latency_ms"]["p99"], poisson["p99_over_p50"])

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
+import httpx
+
 MISSING = "wrk is not installed: apt-get install wrk (scripts/install test installs it)"
 MARK = "WRK_JSON "
 PERCENTILES = (50, 90, 95, 99)
@@ -118,6 +120,15 @@ def parse(counts: dict, cpu_s: float = 0.0) -> WrkRun:
         socket_errors={k: counts[k] for k in ("connect", "read", "write", "timeout") if counts[k]},
         seconds=counts["duration_us"] / 1e6, latency_ms=latency, cpu_s=cpu_s,
     )  # fmt: skip
+
+
+def settle(url: str, body: bytes, content_type: str, timeout_s: float = 60.0) -> None:
+    """Wait out the requests a finished wrk run left behind. wrk stops by closing its connections
+    with requests in flight, and a server that does not notice a gone client (the per-request
+    FastAPI peer, LitServe) still works them off, for up to ``connections / throughput`` seconds
+    that the next run would lose. One request sent now is answered after them on a server that
+    answers in arrival order, so the next measured run starts on an idle server."""
+    httpx.post(url, content=body, headers={"Content-Type": content_type}, timeout=timeout_s)
 
 
 def version() -> str:
