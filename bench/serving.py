@@ -526,12 +526,12 @@ def metadata(ctx: Context, started: float, result_rows: list[dict]) -> dict:
         "smoke": bool(ctx.args.smoke),
         "plan": asdict(ctx.plan),
         "clients": {
-            "throughput": f"{wrk.version()} (closed loop, 1 thread, a Lua script posting the pre-built "
-                          "multipart bodies; answers not read): every images/s and closed-loop latency",
-            "checking": "bench/loadgen.py (aiohttp, one asyncio process): each row's and system's answers "
-                        "scored against their labels (accuracy, exit shares, GMACs), untimed",
-            "open_loop": "bench/loadgen.py (aiohttp): Poisson arrivals, latency from the scheduled arrival "
-                         "(wrk cannot pace an open loop; wrk2 is not in Debian)",
+            "throughput": f"wrk {wrk.version()} (closed loop, 1 thread, a Lua script posting the pre-built "
+                          "multipart bodies; it does not read the answers)",
+            "checking": "bench/loadgen.py (aiohttp, one asyncio process), untimed: every answer scored against "
+                        "its label",
+            "open_loop": "bench/loadgen.py (aiohttp), latency from the scheduled arrival (wrk cannot pace an "
+                         "open loop; wrk2 is not in Debian)",
         },
         "wall_s": round(time.perf_counter() - started, 1),
     }  # fmt: skip

@@ -132,11 +132,12 @@ def settle(url: str, body: bytes, content_type: str, timeout_s: float = 60.0) ->
 
 
 def version() -> str:
-    """``wrk -v``'s first word pair, e.g. 'wrk debian/4.1.0-3+b2' ('not installed' without it)."""
+    """The version ``wrk -v`` prints, e.g. 'debian/4.1.0-3+b2' ('not installed' without wrk)."""
     if shutil.which("wrk") is None:
         return "not installed"
     out = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout  # exits 1 after printing
-    return " ".join(out.split()[:2]) or "unknown"
+    words = out.split()  # "wrk debian/4.1.0-3+b2 [epoll] Copyright ..."
+    return words[1] if len(words) > 1 else "unknown"
 
 
 def _children_cpu_s() -> float:

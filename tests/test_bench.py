@@ -133,7 +133,7 @@ def test_goals_and_metadata(smoke):
     assert all(s["torch_threads"] >= 1 for s in result["systems_settings"].values())
     assert meta["versions"]["torch"] != "not installed"
     assert meta["versions"]["litserve"] != "not installed"
-    assert meta["versions"]["wrk"].startswith("wrk")
+    assert meta["versions"]["wrk"] != "not installed"
     assert all(result["offline"]["stage_timings_by_threads"].values())
 
 
