@@ -52,9 +52,14 @@ class RunningServer:
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    def stop(self) -> None:
+    def terminate(self) -> None:
+        """SIGTERM to the server's process group, without waiting (``stop`` waits)."""
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.terminate()
             try:
                 self.process.wait(STOP_DEADLINE_S)
             except subprocess.TimeoutExpired:

@@ -86,7 +86,8 @@ class Plan:
     min_requests: int = 20  # an open-loop window stays open until this many were answered in it
     timing_s: float = 0.25  # offline: least seconds timed per (stage, batch)
     # launch the peers' servers (untuned only) once ours is ready, so their startup overlaps its
-    # runs: it disturbs ours' figures, which only a smoke run may afford
+    # runs, and let ours shut down while they run: it disturbs the figures, which only a smoke run
+    # may afford
     start_peers_early: bool = False
 
 
@@ -111,6 +112,7 @@ class Context:
     synthetic: bool
     log_dir: Path
     early: dict[str, RunningServer] = field(default_factory=dict)  # launched early, by spec name
+    stopping: list[RunningServer] = field(default_factory=list)  # told to stop, not yet waited for
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -420,7 +422,11 @@ def bench_ours(ctx: Context, single: Requests, batch: Requests, thresholds: list
                                       measured={plan.concurrency: dict(row)}, scored=row["check"])  # fmt: skip
             out["systems"][name] = {"threshold": t, "startup_s": server.startup_s, **run}
     finally:
-        server.stop()
+        if ctx.plan.start_peers_early:
+            server.terminate()  # waited for at the end of the run
+            ctx.stopping.append(server)
+        else:
+            server.stop()
     return out
 
 
@@ -647,8 +653,8 @@ def measure(args: argparse.Namespace, tmp: Path, out: Path) -> dict:
         else:
             log.info("LitServe skipped (%s)", "--no-litserve" if args.no_litserve else "not installed")
     finally:
-        for server in ctx.early.values():  # launched early but not reached (a failure on the way)
-            server.stop()
+        for server in [*ctx.early.values(), *ctx.stopping]:  # launched early but not reached (a failure
+            server.stop()  # on the way), or stopping
     offline = add_limits(ctx, ours)
 
     result = {
