@@ -39,10 +39,10 @@ import torch
 from PIL import Image
 
 from bench import wrk
-from bench.report import ratio
 from bench.limit import StageTimer, analytic_limit, scrape
 from bench.loadgen import CONTENT_TYPE, LoadGenerator, Workload, multipart
 from bench.machine import write_result
+from bench.report import ratio
 from bench.servers import SystemSpec, python_command, start
 from bench.serving import elastic_threshold, png
 from model.checkpoint import load_checkpoint
