@@ -1,10 +1,15 @@
-"""Issue #14's side-by-side run: our server per threshold, LitServe (full model), and the floor, all
-driven by ``wrk`` (Debian) with the same multipart Fashion-MNIST PNG uploads, one after another.
+"""Issue #14's side-by-side run: our server per threshold, the peers serving the full model, and the
+floor, all driven by ``wrk`` (Debian; ``bench.wrk``) with the same multipart Fashion-MNIST PNG
+uploads, one after another.
 
     python -m bench.engine_core [--seconds 10] [--connections 64] [--out bench/results]
 
 - ours at threshold 0, the within-0.3-pp threshold and 1 (every setting at its default);
 - LitServe with the batching the issue #7 bench tuned for it (batch 16, 5 ms, 2 workers, 1 thread);
+- plain FastAPI with the model inline in its handler, one request at a time (``bench.peers plain``),
+  with 1 torch thread (``--fastapi-threads``): the issue #7 bench's tuning found 1 and 2 equal on 2
+  cores (131 / 132 images/s), and with 2 it collapses to a few images/s whenever another process
+  wants a core;
 - the floor: a bare FastAPI endpoint (uvicorn, uvloop, httptools) that reads the same multipart
   upload, decodes and preprocesses the image and returns JSON, with no model (``bench.floor``).
 
@@ -12,7 +17,8 @@ Reported, never asserted: images/s, p50/p99 from wrk, busy cores of each server'
 elastic gain against the analytic ratio limit(T) / limit(1) (offline stage timings at the
 server's mean batches, ``bench.limit``), ours / LitServe, and the front-end CPU per request at
 threshold 0 (server CPU-seconds per request minus the model's offline CPU per image) against the
-floor's CPU per request.
+floor's CPU per request. The one open-loop point (Poisson arrivals at 70 % of the peak, for p99 / p50)
+comes from ``bench.loadgen``'s aiohttp client: wrk cannot pace an open loop (see ``bench.wrk``).
 """
 
 from __future__ import annotations
@@ -20,22 +26,23 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import httpx
 import torch
 from PIL import Image
 
+from bench import wrk
 from bench.limit import StageTimer, analytic_limit, scrape
-from bench.loadgen import BOUNDARY, LoadGenerator, Workload, multipart
+from bench.loadgen import CONTENT_TYPE, LoadGenerator, Workload, multipart
 from bench.machine import write_result
+from bench.report import ratio
 from bench.servers import SystemSpec, python_command, start
 from bench.serving import elastic_threshold, png
 from model.checkpoint import load_checkpoint
@@ -43,58 +50,18 @@ from model.data import load_fashion_mnist
 from model.preprocess import preprocess_image
 from service.settings import DEFAULT_CHECKPOINT
 
-LUA = """
-local bodies, n = {}, 0
-for line in io.lines("%(list)s") do
-  local f = io.open(line, "rb"); n = n + 1; bodies[n] = f:read("*all"); f:close()
-end
-local i = 0
-request = function()
-  i = i %% n + 1
-  return wrk.format("POST", nil, {["Content-Type"] = "multipart/form-data; boundary=%(boundary)s"}, bodies[i])
-end
-"""
 
-
-def multipart_bodies(pngs: list[bytes], folder: Path) -> Path:
-    """One file per request body, and the list wrk's script reads them from."""
-    paths = []
-    for i, data in enumerate(pngs):
-        path = folder / f"body-{i}.bin"
-        path.write_bytes(multipart([data], "file"))
-        paths.append(str(path))
-    listing = folder / "bodies.txt"
-    listing.write_text("\n".join(paths) + "\n")
-    script = folder / "post.lua"
-    script.write_text(LUA % {"list": listing, "boundary": BOUNDARY})
-    return script
-
-
-def run_wrk(url: str, script: Path, seconds: float, connections: int) -> dict:
-    out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{round(seconds)}s", "--latency", "-s", str(script), url],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    total = int(re.search(r"(\d+) requests in", out).group(1))
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    latency = {q: _ms(re.search(rf"\s{q}%\s+([\d.]+\w+)", out).group(1)) for q in ("50", "99")}
-    return {"images_per_s": rps, "requests": total, "non_2xx": int(errors.group(1)) if errors else 0,
-            "p50_ms": latency["50"], "p99_ms": latency["99"]}  # fmt: skip
-
-
-def _ms(text: str) -> float:
-    value, unit = re.match(r"([\d.]+)(\w+)", text).groups()
-    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
-
-
-def measure(server, url: str, script: Path, seconds: float, connections: int) -> dict:
-    """A short warm-up, then the measured window with the server tree's CPU time around it."""
-    run_wrk(url, script, 2, connections)
+def measure(server, url: str, script: Path, seconds: float, connections: int, body: bytes) -> dict:
+    """A short warm-up, then (once the warm-up's leftovers are answered, ``wrk.settle`` with
+    ``body``) the measured window with the server tree's CPU time around it."""
+    wrk.run(url, script, 2, connections)
+    wrk.settle(url, body, CONTENT_TYPE)
     cpu_before, wall_before = server.cpu_seconds(), time.monotonic()
-    result = run_wrk(url, script, seconds, connections)
+    run = wrk.run(url, script, seconds, connections)
     busy = (server.cpu_seconds() - cpu_before) / (time.monotonic() - wall_before)
-    return result | {"busy_cores": busy, "cpu_ms_per_request": 1000 * busy / result["images_per_s"]}
+    return {"images_per_s": run.requests_per_s, "requests": run.requests, "non_2xx": run.http_errors,
+            "socket_errors": run.socket_errors, "p50_ms": run.latency_ms["p50"], "p99_ms": run.latency_ms["p99"],
+            "busy_cores": busy, "cpu_ms_per_request": 1000 * busy / run.requests_per_s if run.requests else None}  # fmt: skip
 
 
 def open_loop_at(url: str, pngs: list[bytes], threshold: float, rate: float, seconds: float) -> dict:
@@ -117,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--images", type=int, default=256)
+    p.add_argument("--fastapi-threads", type=int, default=1, help="torch threads of the plain FastAPI peer")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args(argv)
 
@@ -125,21 +93,25 @@ def main(argv: list[str] | None = None) -> int:
     images = torch.stack([preprocess_image(Image.open(io.BytesIO(b)), loaded.preprocess) for b in pngs])
     elastic, _why = elastic_threshold(DEFAULT_CHECKPOINT)
     work = Path(tempfile.mkdtemp(prefix="thinkingvit-bench-"))
-    script = multipart_bodies(pngs, work)
+    bodies = [multipart([data], "file") for data in pngs]
+    script = wrk.write_script(bodies, CONTENT_TYPE, work)
+    point = partial(measure, script=script, seconds=args.seconds, connections=args.connections, body=bodies[0])
     results: dict = {"date": datetime.now(UTC).isoformat(timespec="minutes"), "elastic_threshold": elastic,
-                     "wrk": {"threads": 1, "connections": args.connections, "seconds": args.seconds}}  # fmt: skip
+                     "wrk": {"version": wrk.version(), "threads": 1, "connections": args.connections,
+                             "seconds": wrk.whole_seconds(args.seconds)}}  # fmt: skip
 
     ours = start(SystemSpec("ours", python_command("-m", "service.cli", "serve", "--log-level", "warning"), "/readyz"), work)
     try:
         for threshold in (0.0, elastic, 1.0):
             before = server_counters(ours.url)
-            row = measure(ours, f"{ours.url}/classify?threshold={threshold}", script, args.seconds, args.connections)
+            row = point(ours, f"{ours.url}/classify?threshold={threshold}")
             after = server_counters(ours.url)
             delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
             row["mean_batch"] = [delta[f"batch_size_sum{{{s}}}"] / max(1, delta[f"batch_size_count{{{s}}}"]) for s in (0, 1)]
             row["sent_on"] = delta["exits_total{1}"] / max(1, delta["exits_total{0}"] + delta["exits_total{1}"])
             results[f"ours@{threshold:g}"] = row
             print(f"ours @ {threshold:g}: {json.dumps(row)}", flush=True)
+        wrk.settle(f"{ours.url}/classify", bodies[0], CONTENT_TYPE)
         results["open_loop_70"] = open_loop_at(ours.url, pngs, elastic, 0.7 * results[f"ours@{elastic:g}"]["images_per_s"],
                                                args.seconds)  # fmt: skip
         print(f"ours @ {elastic:g}, open loop at 70 % of peak: {json.dumps(results['open_loop_70'])}", flush=True)
@@ -150,14 +122,25 @@ def main(argv: list[str] | None = None) -> int:
         "-m", "bench.peers", "litserve", "--checkpoint", str(DEFAULT_CHECKPOINT), "--max-batch-size", "16",
         "--batch-timeout-ms", "5", "--workers", "2", "--threads", "1"), "/health"), work)  # fmt: skip
     try:
-        results["litserve"] = measure(litserve, f"{litserve.url}/classify", script, args.seconds, args.connections)
+        results["litserve"] = point(litserve, f"{litserve.url}/classify")
         print(f"litserve: {json.dumps(results['litserve'])}", flush=True)
     finally:
         litserve.stop()
 
+    threads = args.fastapi_threads
+    plain = start(SystemSpec("fastapi", python_command(
+        "-m", "bench.peers", "plain", "--checkpoint", str(DEFAULT_CHECKPOINT), "--threads", str(threads)), "/readyz",
+        env={"OMP_NUM_THREADS": str(threads)}), work)  # fmt: skip
+    try:
+        results["fastapi"] = point(plain, f"{plain.url}/classify")
+        results["fastapi"]["torch_threads"] = threads
+        print(f"plain FastAPI, model inline: {json.dumps(results['fastapi'])}", flush=True)
+    finally:
+        plain.stop()
+
     floor = start(SystemSpec("floor", python_command("-m", "bench.floor"), "/readyz"), work)
     try:
-        results["floor"] = measure(floor, f"{floor.url}/classify", script, args.seconds, args.connections)
+        results["floor"] = point(floor, f"{floor.url}/classify")
         print(f"floor: {json.dumps(results['floor'])}", flush=True)
     finally:
         floor.stop()
@@ -175,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     front_ms = zero["cpu_ms_per_request"] - zero["model_cpu_ms_per_image"]
     results["goals"] = {
         "ours_at_elastic_over_litserve": high["images_per_s"] / results["litserve"]["images_per_s"],
+        "ours_at_elastic_over_fastapi": ratio(high["images_per_s"], results["fastapi"]["images_per_s"]),
         "elastic_gain": high["images_per_s"] / full["images_per_s"],
         "analytic_ratio": high["limit_images_per_s"] / full["limit_images_per_s"],
         "elastic_gain_over_analytic_ratio": (high["images_per_s"] / full["images_per_s"])

@@ -106,6 +106,9 @@ def server_stats(before: dict[str, float], after: dict[str, float], num_stages: 
             "mean_batch": images / batches if batches else 0.0,
             "compute_ms_per_image": 1000 * compute / images if images else 0.0,
         })  # fmt: skip
-    first = stages[0]["images"]
-    r = stages[-1]["images"] / first if first else 0.0
-    return {"stages": stages, "r": r}
+    # r: the share of answered images that ran the last stage (exits_total, not the batches), so a
+    # request its client gave up on after stage 0 (wrk's in-flight ones when it stops) is not
+    # counted as kept at stage 0.
+    exits = [delta("thinkingvit_exits_total", s) for s in range(num_stages)]
+    r = exits[-1] / sum(exits) if sum(exits) else 0.0
+    return {"stages": stages, "answered": int(sum(exits)), "r": r}

@@ -56,6 +56,7 @@ def machine_name(device: str | torch.device) -> str:
 def write_result(results: dict, out: str | Path, kind: str, device: str = "cpu") -> Path:
     """``results`` as ``<out>/<date>-<machine>-<kind>.json``; returns the path (printed by the caller)."""
     path = Path(out) / f"{datetime.now(UTC):%Y-%m-%d}-{machine_name(device)}-{kind}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
     return path
 

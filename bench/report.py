@@ -107,10 +107,10 @@ def threshold_table(rows: list[dict], title: str) -> str:
               "p50 / p95 / p99 ms", "analytic limit images/s", "served / limit"]  # fmt: skip
     cells = []
     for r in rows:
-        lat, share = r["latency_ms"], r.get("exit_share", [math.nan, math.nan])
+        lat, share = r["latency_ms"], r["check"].get("exit_share", [math.nan, math.nan])
         cells.append([
-            f"{r['threshold']:g}", f"{_f(r['accuracy'], '.2f')} ({_f(r.get('calibrated_accuracy'), '.2f')})",
-            f"{_f(share[0], '.2f')} / {_f(share[1], '.2f')}", _f(r.get("gmacs_per_image"), ".4f"),
+            f"{r['threshold']:g}", f"{_f(r['check']['accuracy'], '.2f')} ({_f(r.get('calibrated_accuracy'), '.2f')})",
+            f"{_f(share[0], '.2f')} / {_f(share[1], '.2f')}", _f(r["check"].get("gmacs_per_image"), ".4f"),
             _f(r["images_per_s"]), f"{_f(lat['p50'], '.1f')} / {_f(lat['p95'], '.1f')} / {_f(lat['p99'], '.1f')}",
             _f(r["limit"]["images_per_s"]), _f(r["limit"]["served_over_limit"], ".2f"),
         ])  # fmt: skip
@@ -119,13 +119,13 @@ def threshold_table(rows: list[dict], title: str) -> str:
 
 def peers_table(result: dict) -> str:
     ours = result["systems"][elastic_name(result)]["peak"]["images_per_s"]
-    header = ["system (single-image requests)", "accuracy %", "peak images/s (at clients)", "p50 / p99 ms at peak",
-              f"{elastic_name(result)} / system"]  # fmt: skip
+    header = ["system (single-image requests)", "accuracy % (checking client)", "peak images/s, wrk (connections)",
+              "p50 / p99 ms at peak", f"{elastic_name(result)} / system"]  # fmt: skip
     cells = [
-        [name, _f(p["accuracy"], ".2f"), f"{_f(p['images_per_s'])} ({p['concurrency']})",
+        [name, _f(s["check"]["accuracy"], ".2f"), f"{_f(p['images_per_s'])} ({p['concurrency']})",
          f"{_f(p['latency_ms']['p50'], '.1f')} / {_f(p['latency_ms']['p99'], '.1f')}",
          _f(ratio(ours, p["images_per_s"]), ".2f")]
-        for name, p in ((name, s["peak"]) for name, s in result["systems"].items())
+        for name, s, p in ((name, s, s["peak"]) for name, s in result["systems"].items())
     ]  # fmt: skip
     return table(header, cells)
 
@@ -184,7 +184,7 @@ def settings_section(result: dict) -> str:
         shown = ", ".join(f"{k}={v}" for k, v in settings.items())
         lines.append(f"- **{name}**: {shown}")
     top = max(result["meta"]["plan"]["sweep"])
-    lines += ["", f"Tuning (full model, {top} closed-loop clients, images/s; the best of each system ran everything):", ""]
+    lines += ["", f"Tuning (full model, wrk with {top} connections, images/s; the best of each system ran everything):", ""]
     for name, rows in result.get("tuning", {}).items():
         if rows:
             lines.append(f"- {name}: " + "; ".join(f"{r['name']} {_f(r['images_per_s'])}" for r in rows))
@@ -202,8 +202,12 @@ Machine: {m['cpu']}, {m['cores']} cores, device {m['device']}; torch's default t
 Event loop and HTTP parser: {m['uvicorn_loop_http']}. Most CPU used by other processes during any
 measured window: {_f(m['max_other_cpu_cores'], '.2f')} cores (anything above ~0.1 disturbs the figures).
 Model: `{m['checkpoint']}` (preset {m['preset']}); images: {m['image_count']} {m['images']} as PNG.
-Load generator: {m['load_generator']}; it shares the machine with the servers (its CPU use is in the
-tables). Whole run: {m['wall_s']} s.
+Clients (each shares the machine with the servers; its CPU use is in the tables):
+- images/s and closed-loop latency: {m['clients']['throughput']};
+- accuracy, exit shares and GMACs: {m['clients']['checking']};
+- open loop: {m['clients']['open_loop']}.
+
+Whole run: {m['wall_s']} s.
 
 Within-0.3-pp threshold: **{e['threshold']:g}** ({e['why']}).
 
@@ -211,11 +215,11 @@ Within-0.3-pp threshold: **{e['threshold']:g}** ({e['why']}).
 
 {goals_table(result)}
 
-## Our server per threshold, single-image requests ({plan['concurrency']} closed-loop clients, {plan['measure_s']:g} s each)
+## Our server per threshold, single-image requests (wrk, {plan['concurrency']} connections, {plan['measure_s']:g} s each; accuracy, exit shares, GMACs: the checking client, {plan['check_images']} images)
 
 {threshold_table(result['thresholds'], 'single')}
 
-## The batch endpoint ({plan['batch_images']} images per request, {plan['batch_concurrency']} clients)
+## The batch endpoint ({plan['batch_images']} images per request, wrk with {plan['batch_concurrency']} connections)
 
 {threshold_table(result['batch_endpoint'], 'batch')}
 
@@ -229,13 +233,13 @@ Server side of the runs above (single-image first, then batch endpoint), from `/
 
 {peers_table(result)}
 
-## Closed-loop concurrency sweep (images/s / p50 ms / p99 ms)
+## Closed-loop concurrency sweep, wrk connections (images/s / p50 ms / p99 ms)
 
 {sweep_table(result)}
 
 ![throughput vs latency]({curves_png})
 
-## Open loop: Poisson arrivals at 70 % of each system's peak
+## Open loop: Poisson arrivals at 70 % of each system's peak (the aiohttp client)
 
 {open_loop_table(result)}
 
@@ -272,7 +276,7 @@ def plot_curves(result: dict, path: Path) -> None:
         ax.plot([o["images_per_s"]] * 2, [o["latency_ms"]["p50"], o["latency_ms"]["p99"]], "s", color=color, ms=6,
                 mfc="none")
     ax.set_yscale("log")
-    ax.set_xlabel("throughput (images/s), closed loop 1..64 clients; squares: open loop at 70 %")
+    ax.set_xlabel("throughput (images/s), wrk closed loop 1..64 connections; squares: open loop at 70 % (aiohttp)")
     ax.set_ylabel("latency (ms)")
     ax.set_title(f"Throughput vs latency, {result['meta']['machine']}")
     ax.grid(alpha=0.3, which="both")

@@ -42,7 +42,8 @@ class RunningServer:
     url: str
     process: subprocess.Popen
     log_path: Path
-    startup_s: float
+    launched: float  # perf_counter at launch
+    startup_s: float = 0.0  # launch to ready
 
     def cpu_seconds(self) -> float:
         """CPU time of the server's whole process tree (LitServe runs several processes)."""
@@ -51,9 +52,14 @@ class RunningServer:
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    def stop(self) -> None:
+    def terminate(self) -> None:
+        """SIGTERM to the server's process group, without waiting (``stop`` waits)."""
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.terminate()
             try:
                 self.process.wait(STOP_DEADLINE_S)
             except subprocess.TimeoutExpired:
@@ -64,21 +70,30 @@ class RunningServer:
 def start(spec: SystemSpec, log_dir: Path) -> RunningServer:
     """Start ``spec`` and return once its readiness route answers 200 (or raise, with its log);
     its log goes to ``log_dir`` (the run's temporary folder, see bench.serving.run)."""
+    return ready(launch(spec, log_dir))
+
+
+def launch(spec: SystemSpec, log_dir: Path) -> RunningServer:
+    """Start ``spec``'s process and return at once; :func:`ready` waits for it."""
     port = free_port()
     log_path = log_dir / f"{spec.name}.log"
-    started = time.perf_counter()
     with log_path.open("w") as log:
         process = subprocess.Popen(
             [*spec.command, "--port", str(port)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
             env={**clean_environment(), **spec.env}, start_new_session=True,
         )  # fmt: skip
-    server = RunningServer(spec, f"http://127.0.0.1:{port}", process, log_path, 0.0)
+    return RunningServer(spec, f"http://127.0.0.1:{port}", process, log_path, time.perf_counter())
+
+
+def ready(server: RunningServer) -> RunningServer:
+    """``server`` once its readiness route answers 200, its ``startup_s`` set (from its launch);
+    stopped, and the error raised with its log, if it exits or the deadline passes first."""
     try:
         wait_ready(server)
     except BaseException:
         server.stop()
         raise
-    server.startup_s = time.perf_counter() - started
+    server.startup_s = time.perf_counter() - server.launched
     return server
 
 

