@@ -315,11 +315,11 @@ def test_formats_are_the_documented_ones():
     assert FORMATS == ("PNG", "JPEG", "GIF", "WEBP", "TIFF", "BMP")
 
 
-ATHERIS_SECONDS = int(os.environ.get("THINKINGVIT_ATHERIS_SECONDS", "20"))
+ATHERIS_SECONDS = int(os.environ.get("THINKINGVIT_ATHERIS_SECONDS", "10"))
 
 
 def test_a_short_atheris_run_finds_nothing(tmp_path):
-    """CI's coverage-guided run: ``tests/fuzz_images_atheris.py`` for ``ATHERIS_SECONDS`` (20 s;
+    """CI's coverage-guided run: ``tests/fuzz_images_atheris.py`` for ``ATHERIS_SECONDS`` (10 s;
     the long runs in docs/reliability.md are manual). CI installs atheris (the test extra), so its
     absence fails. libFuzzer exits non-zero and writes ``crash-*``, ``oom-*`` or ``timeout-*`` for
     an input that breaks ``check_decode``."""
