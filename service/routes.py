@@ -304,7 +304,7 @@ async def healthz(api: ApiDep) -> JSONResponse:
 @health_router.get("/readyz", responses=NOT_READY)
 async def readyz(api: ApiDep) -> JSONResponse:
     """Ready: model loaded, every stage warmed up, the engine core alive and not stalled (requests
-    waiting while it finished no loop turn for ``engine_stall_s``), not draining."""
+    waiting while it finished no loop turn for `engine_stall_s`), not draining."""
     if not api.engine.engine_alive:
         return JSONResponse({"status": "dead"}, status_code=503)
     status = "ready" if api.ready else "stalled" if api.stalled else "draining"
