@@ -171,5 +171,5 @@ def serve_api_server(settings: Settings, sockets, model: ServedModel, device: st
     )
     server = DrainingServer(config, app)
     server.run(sockets=sockets)
-    processes.exit_without_final_collection()
+    processes.skip_final_collection()
     raise SystemExit(0 if server.started else 3)

@@ -371,7 +371,7 @@ def serve_engine_core(settings, address: str, published, ready_conn, cpus, threa
     finally:
         sock.close()
         context.term()
-    processes.exit_without_final_collection()
+    processes.skip_final_collection()
 
 
 def _loop(core: EngineCore, sock, published) -> None:

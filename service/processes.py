@@ -73,11 +73,12 @@ def become_child(role: str, cpus: frozenset[int] | None = None) -> None:
     log.debug("%s %d on cpus %s", role, os.getpid(), sorted(os.sched_getaffinity(0)))
 
 
-def exit_without_final_collection() -> None:
-    """Called by a child as it returns: the interpreter's last garbage collection at exit walks
-    every object torch and the web stack allocated, which took 0.5-0.9 s of each stop (measured
-    with py-spy in ``gc_collect_main`` after uvicorn had finished). Frozen objects are skipped,
-    and the memory goes back with the process anyway; atexit handlers and flushing still run."""
+def skip_final_collection() -> None:
+    """Called by a child just before it returns and exits: the interpreter's last garbage collection
+    at exit walks every object torch and the web stack allocated, about 0.5-0.9 s of each stop (py-spy
+    found the API server in ``gc_collect_main`` after uvicorn had finished). Frozen objects are
+    skipped, and their memory goes back with the process anyway; atexit handlers and flushing still
+    run."""
     import gc
 
     gc.freeze()
