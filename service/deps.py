@@ -61,12 +61,20 @@ bearer = HTTPBearer(auto_error=False, description="THINKINGVIT_API_TOKEN, when t
 async def require_token(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> None:
+    """The FastAPI dependency of ``check_token``; ``credentials`` declares the bearer scheme in the
+    OpenAPI schema."""
+    check_token(request)
+
+
+def check_token(request: Request) -> None:
     """401 unless the request carries the server's bearer token (compared in constant time).
 
     Runs before the body is read, so an unauthenticated client cannot make the server buffer it.
+    The header is read as ``HTTPBearer`` reads it: scheme ``Bearer`` in any case, then the token.
     """
     expected = request.app.state.api.settings.api_token.get_secret_value().encode()
-    given = credentials.credentials.encode() if credentials is not None else b""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    given = token.strip().encode() if scheme.lower() == "bearer" else b""
     if not hmac.compare_digest(given, expected):
         raise unauthorized()
 
