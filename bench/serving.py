@@ -301,25 +301,23 @@ def warm_up(server: RunningServer, requests: Requests, query: str, concurrency: 
 
 
 def throughput(server: RunningServer, requests: Requests, query: str, concurrency: int, measure_s: float) -> dict:
-    """A closed-loop point from wrk on a settled server (see ``wrk.settle``), with the CPU time of
-    the server's process tree, of wrk and of the whole machine around it (other processes: what
+    """A closed-loop point from wrk on a settled server (``wrk.measure``), with the CPU time of the
+    server's process tree, of wrk and of the whole machine around it (other processes: what
     neither used)."""
     url = f"{server.url}{requests.work.path}{query}"
-    wrk.settle(url, requests.work.bodies[0], CONTENT_TYPE)
-    server_cpu, machine_cpu, wall = server.cpu_seconds(), machine_cpu_seconds(), time.monotonic()
-    run = wrk.run(url, requests.script, measure_s, concurrency)
-    wall = time.monotonic() - wall
-    cores = {"server": (server.cpu_seconds() - server_cpu) / wall, "client": run.cpu_s / wall}
-    other = max(0.0, (machine_cpu_seconds() - machine_cpu) / wall - sum(cores.values()))
-    if other > OTHER_LOAD_WARNING:
-        log.warning("  other processes used %.2f cores during this run: its figures are disturbed", other)
+    point = wrk.measure(server.cpu_seconds, url, requests.script, measure_s, concurrency, requests.work.bodies[0],
+                        CONTENT_TYPE)  # fmt: skip
+    run = point.run
+    if point.other_cores > OTHER_LOAD_WARNING:
+        log.warning("  other processes used %.2f cores during this run: its figures are disturbed", point.other_cores)
     errors = {"http >= 400": run.http_errors} if run.http_errors else {}
     return {
         "concurrency": concurrency, "client": "wrk", "requests": run.requests, "images": run.requests * requests.images,
         "seconds": round(run.seconds, 3), "requests_per_s": run.requests_per_s,
         "images_per_s": run.requests_per_s * requests.images, "latency_ms": run.latency_ms,
         "errors": errors | {f"socket {k}": n for k, n in run.socket_errors.items()},
-        "server_cpu_cores": cores["server"], "client_cpu_cores": cores["client"], "other_cpu_cores": other,
+        "server_cpu_cores": point.server_cores, "client_cpu_cores": point.client_cores,
+        "other_cpu_cores": point.other_cores,
     }  # fmt: skip
 
 

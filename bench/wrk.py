@@ -18,11 +18,15 @@ import json
 import resource
 import shutil
 import subprocess
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
 import httpx
+
+from bench.servers import machine_cpu_seconds
 
 MISSING = "wrk is not installed: apt-get install wrk (scripts/install test installs it)"
 MARK = "WRK_JSON "
@@ -120,6 +124,35 @@ def parse(counts: dict, cpu_s: float = 0.0) -> WrkRun:
         socket_errors={k: counts[k] for k in ("connect", "read", "write", "timeout") if counts[k]},
         seconds=counts["duration_us"] / 1e6, latency_ms=latency, cpu_s=cpu_s,
     )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Point:
+    """One measured wrk run and where the machine's CPU went meanwhile, in busy cores."""
+
+    run: WrkRun
+    server_cores: float  # the measured server's process tree
+    client_cores: float  # wrk
+    other_cores: float  # everything else on the machine (other processes, CPU steal)
+
+    @property
+    def server_cpu_ms_per_request(self) -> float | None:
+        rate = self.run.requests_per_s
+        return 1000 * self.server_cores / rate if rate else None
+
+
+def measure(server_cpu_seconds: Callable[[], float], url: str, script: Path, seconds: float, connections: int,
+            settle_body: bytes, content_type: str) -> Point:  # fmt: skip
+    """The bench's one throughput point: once the server is settled (``settle`` with
+    ``settle_body``), a wrk run of ``seconds`` with the CPU time of the server
+    (``server_cpu_seconds``: its process tree), of wrk and of the whole machine around it."""
+    settle(url, settle_body, content_type)
+    server, machine, wall = server_cpu_seconds(), machine_cpu_seconds(), time.monotonic()
+    result = run(url, script, seconds, connections)
+    wall = time.monotonic() - wall
+    server_cores, client_cores = (server_cpu_seconds() - server) / wall, result.cpu_s / wall
+    other = max(0.0, (machine_cpu_seconds() - machine) / wall - server_cores - client_cores)
+    return Point(result, server_cores, client_cores, other)
 
 
 def settle(url: str, body: bytes, content_type: str, timeout_s: float = 60.0) -> None:

@@ -243,18 +243,28 @@ def json_response(body: dict) -> Response:
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``; if the client disconnects first, cancel it, which aborts its requests."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
+    """Await ``work`` in this task; if the client disconnects first, cancel it, which aborts its
+    requests. One watcher task per request: the work itself needs no task of its own, nor an
+    ``asyncio.wait`` over both."""
+    handler = asyncio.current_task()
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        await _disconnected(request)
+        gone = True
+        handler.cancel()
+
+    watcher = asyncio.create_task(watch())
     try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise  # cancelled from elsewhere (the server stopping)
+        handler.uncancel()
+        raise client_gone() from None
     finally:
         watcher.cancel()
-        if not task.done():
-            task.cancel()
-    if task in done:
-        return task.result()
-    raise client_gone()
 
 
 async def _disconnected(request: Request) -> None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastapi import Request
-from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from multipart import MultipartError, MultipartSegment, PushMultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
 from service.errors import client_gone, invalid
@@ -70,7 +69,7 @@ async def _read_multipart(request: Request, limit: int, max_files: int) -> list[
     body = await read_body(request, limit)
     try:
         uploads = file_parts(body, request.headers.get("content-type", ""), max_files)
-    except (MultipartParseError, ValueError) as e:
+    except (MultipartError, ValueError) as e:
         raise invalid(422, "invalid_body", f"bad multipart body: {e}") from None
     if not uploads:
         raise invalid(422, "invalid_body", "the multipart body has no file part (send the image as 'file')")
@@ -80,46 +79,31 @@ async def _read_multipart(request: Request, limit: int, max_files: int) -> list[
 def file_parts(body: bytes, content_type: str, max_files: int) -> list[Upload]:
     """The file parts (those with a filename) of a whole multipart body, in order, in memory.
 
-    python-multipart's parser, driven directly: Starlette's form layer around it spools each file
-    into a SpooledTemporaryFile and costs about twice the parse itself, for bodies that are
-    already in memory and capped at ``max_body_bytes``. Other parts count against the same limit.
+    Parsed by ``multipart``'s sans-IO parser (Bottle's, RFC 7578), which finds part borders with
+    ``bytes.find``: on a 550-byte upload it takes about 20 µs where python-multipart's byte-wise
+    state machine and callbacks took about 80 µs, and Starlette's form layer around that spools
+    each file into a SpooledTemporaryFile on top. The body is already in memory and capped at
+    ``max_body_bytes``; a body that ends before its closing border is refused. Other parts count
+    against the same limit.
     """
     _, options = parse_options_header(content_type)
-    boundary = options.get(b"boundary")
+    boundary = options.get("boundary")
     if not boundary:
         raise ValueError("no boundary in the content type")
     uploads: list[Upload] = []
     others = 0
-    headers: dict[bytes, bytes] = {}
-    field, value, data = bytearray(), bytearray(), []
-
-    def on_part_begin() -> None:
-        headers.clear()
-        data.clear()
-
-    def on_header_end() -> None:
-        headers[bytes(field).lower()] = bytes(value)
-        field.clear()
-        value.clear()
-
-    def on_part_end() -> None:
-        nonlocal others
-        _, disposition = parse_options_header(headers.get(b"content-disposition", b""))
-        if b"filename" in disposition:
-            if len(uploads) == max_files:
-                raise ValueError(f"more than {max_files} file part{'s' if max_files > 1 else ''}")
-            uploads.append(Upload(b"".join(data), disposition[b"filename"].decode("utf-8", "replace")))
-        elif (others := others + 1) > max_files:
-            raise ValueError(f"more than {max_files} non-file parts")
-
-    parser = MultipartParser(boundary, {
-        "on_part_begin": on_part_begin,
-        "on_part_data": lambda buffer, start, end: data.append(buffer[start:end]),
-        "on_part_end": on_part_end,
-        "on_header_field": lambda buffer, start, end: field.extend(buffer[start:end]),
-        "on_header_value": lambda buffer, start, end: value.extend(buffer[start:end]),
-        "on_header_end": on_header_end,
-    })  # fmt: skip
-    parser.write(body)
-    parser.finalize()
+    segment: MultipartSegment | None = None
+    data: list[bytes] = []
+    with PushMultipartParser(boundary) as parser:
+        for event in parser.parse(body):
+            if isinstance(event, MultipartSegment):
+                segment, data = event, []
+            elif event is not None:
+                data.append(event)
+            elif segment.filename is not None:
+                if len(uploads) == max_files:
+                    raise ValueError(f"more than {max_files} file part{'s' if max_files > 1 else ''}")
+                uploads.append(Upload(b"".join(data), segment.filename))
+            elif (others := others + 1) > max_files:
+                raise ValueError(f"more than {max_files} non-file parts")
     return uploads
