@@ -2,6 +2,7 @@
 decoded image (serving) and to a batch already at the model's size (training, the sweep)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -49,20 +50,30 @@ FASHION_MNIST = Preprocess(
 def preprocess_array(image: Image.Image, cfg: Preprocess) -> np.ndarray:
     """PIL image -> normalised float32 array (C, size, size): resize short side, center crop.
 
-    numpy only, so the API server processes that decode uploads never import torch.
+    numpy only, so the API server processes that decode uploads never import torch. An image
+    already in the model's mode and size (a Fashion-MNIST upload) is neither converted, resized
+    nor cropped: each would copy it, and this runs once per request in the API servers.
     """
-    image = image.convert("RGB" if cfg.channels == 3 else "L")
+    mode = "RGB" if cfg.channels == 3 else "L"
+    if image.mode != mode:
+        image = image.convert(mode)
     w, h = image.size
     scale = cfg.resize / min(w, h)
     new_w, new_h = max(cfg.size, round(w * scale)), max(cfg.size, round(h * scale))
     if (new_w, new_h) != (w, h):
         image = image.resize((new_w, new_h), INTERPOLATIONS[cfg.interpolation])
-    left, top = (new_w - cfg.size) // 2, (new_h - cfg.size) // 2
-    image = image.crop((left, top, left + cfg.size, top + cfg.size))
+    if (new_w, new_h) != (cfg.size, cfg.size):
+        left, top = (new_w - cfg.size) // 2, (new_h - cfg.size) // 2
+        image = image.crop((left, top, left + cfg.size, top + cfg.size))
     array = np.asarray(image, dtype=np.float32).reshape(cfg.size, cfg.size, cfg.channels)  # (H, W, C)
-    mean = np.asarray(cfg.mean, dtype=np.float32) * 255.0
-    inv_std = 1.0 / (np.asarray(cfg.std, dtype=np.float32) * 255.0)
+    mean, inv_std = _normalisation(cfg)
     return np.ascontiguousarray(((array - mean) * inv_std).transpose(2, 0, 1))  # (C, size, size)
+
+
+@functools.cache
+def _normalisation(cfg: Preprocess) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, 1 / std) on the 0-255 scale, float32 (C,): computed once per preprocessing config."""
+    return np.asarray(cfg.mean, dtype=np.float32) * 255.0, 1.0 / (np.asarray(cfg.std, dtype=np.float32) * 255.0)
 
 
 def preprocess_image(image: Image.Image, cfg: Preprocess) -> torch.Tensor:
