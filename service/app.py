@@ -31,6 +31,7 @@ from service.oip import UNAUTHORIZED as INFER_UNAUTHORIZED
 from service.oip import infer_router, meta_router
 from service.page import mount_page
 from service.routes import CLASSIFY_TAG, UNAUTHORIZED, classify_router, health_router, model_router
+from service import processes
 from service.served_model import ServedModel
 from service.settings import Settings
 
@@ -89,6 +90,7 @@ async def lifespan(app: FastAPI, engine_address: str, published) -> AsyncIterato
     api.engine = EngineClient(engine_address, published)
     await api.engine.start()
     api.metrics.ready.set(1 if api.ready else 0)
+    processes.freeze_startup_heap()
     log.info("API server %d ready", os.getpid())
     try:
         with pillow_pixel_limit(api.settings.max_image_pixels):
@@ -193,8 +195,6 @@ class DrainingServer(uvicorn.Server):
 def serve_api_server(settings: Settings, sockets, model: ServedModel, device: str, engine_address: str,
                      published, cpus, index: int) -> None:  # fmt: skip
     """Process entry of one API server: serve HTTP on the shared ``sockets`` until SIGTERM."""
-    from service import processes
-
     processes.become_child(f"api-server-{index}", cpus)
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     app = create_app(settings, model, device, engine_address, published)

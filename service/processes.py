@@ -73,6 +73,17 @@ def become_child(role: str, cpus: frozenset[int] | None = None) -> None:
     log.debug("%s %d on cpus %s", role, os.getpid(), sorted(os.sched_getaffinity(0)))
 
 
+def freeze_startup_heap() -> None:
+    """Called once a child has started (app built, engine connected, model warmed up): every object
+    allocated so far (modules, the app, the model) moves to the collector's permanent generation,
+    so its full collections under load no longer walk them. Measured on an API server at threshold
+    0 under wrk, alternating with one that did not: 7 % less CPU per request (six pairs, all lower)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def skip_final_collection() -> None:
     """Called by a child just before it returns and exits: the interpreter's last garbage collection
     at exit walks every object torch and the web stack allocated, about 0.5-0.9 s of each stop (py-spy
