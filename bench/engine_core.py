@@ -81,9 +81,9 @@ def open_loop_at(url: str, pngs: list[bytes], threshold: float, rate: float, sec
             "p50_ms": latency["p50"], "p99_ms": latency["p99"], "p99_over_p50": latency["p99"] / latency["p50"]}  # fmt: skip
 
 
-def ours_point(ours, threshold: float, point, timer: StageTimer) -> dict:
-    """One wrk point of our server at ``threshold``, with its batches and exits from /metrics, and
-    the model's offline CPU per image and analytic limit at those batches (``timer``: this round's)."""
+def ours_point(ours, threshold: float, point) -> dict:
+    """One wrk point of our server at ``threshold``, with its batches, exits and in-server compute
+    from /metrics."""
     url = f"{ours.url}/classify?threshold={threshold}"
     before = scrape(httpx.get(f"{ours.url}/metrics").text)
     row = point(ours, url)
@@ -92,11 +92,17 @@ def ours_point(ours, threshold: float, point, timer: StageTimer) -> dict:
     row["mean_batch"] = [first["mean_batch"], last["mean_batch"]]
     row["sent_on"] = stats["r"]
     row["engine_compute_ms_per_image"] = first["compute_ms_per_image"] + stats["r"] * last["compute_ms_per_image"]
-    t1 = timer.per_image_s(0, first["mean_batch"])
-    t2 = timer.per_image_s(1, last["mean_batch"] or first["mean_batch"])
-    row["limit_images_per_s"] = analytic_limit(t1, t2, stats["r"])
-    row["model_cpu_ms_per_image"] = 1000 * (t1 + stats["r"] * t2)
     return row
+
+
+def add_offline_limits(rows: list[dict], timer: StageTimer) -> None:
+    """The model's offline CPU per image and the analytic limit at each row's batches, all timed
+    back to back (``timer``: a fresh one per round), so a limit ratio does not mix host speeds."""
+    for row in rows:
+        first, last = row["mean_batch"]
+        t1, t2 = timer.per_image_s(0, first), timer.per_image_s(1, last or first)
+        row["limit_images_per_s"] = analytic_limit(t1, t2, row["sent_on"])
+        row["model_cpu_ms_per_image"] = 1000 * (t1 + row["sent_on"] * t2)
 
 
 def round_goals(row: dict[str, dict], elastic: float) -> dict:
@@ -149,10 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     floor = start(SystemSpec("floor", python_command("-m", "bench.floor"), "/readyz"), work)
     try:
         for i in tqdm(range(args.repeats), desc="rounds", unit="round"):
-            timer = StageTimer(loaded.model, images, torch.device("cpu"))  # offline timings, this round's
-            row = {"ours@0": ours_point(ours, 0.0, point, timer), "floor": point(floor, f"{floor.url}/classify")}
+            row = {"ours@0": ours_point(ours, 0.0, point), "floor": point(floor, f"{floor.url}/classify")}
             for threshold in (elastic, 1.0):
-                row[f"ours@{threshold:g}"] = ours_point(ours, threshold, point, timer)
+                row[f"ours@{threshold:g}"] = ours_point(ours, threshold, point)
+            add_offline_limits([row[k] for k in keys if k != "floor"], StageTimer(loaded.model, images, torch.device("cpu")))
             row["goals"] = round_goals(row, elastic)
             rounds.append(row)
             tqdm.write(f"round {i + 1}: " + ", ".join(f"{k} {row[k]['images_per_s']:.0f}/s" for k in keys)
