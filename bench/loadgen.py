@@ -285,11 +285,13 @@ async def _mark_reused(_session, context, _params) -> None:
 
 class _Window:
     """The measured interval: it opens after the warm-up and closes at ``t1``, or later if fewer than
-    ``min_requests`` were answered inside it by then; the meters' CPU seconds inside it."""
+    ``min_requests`` were answered inside it by then, but no later than when as many have failed
+    (a server that only errors must not keep the client waiting for answers that never come);
+    the meters' CPU seconds inside it."""
 
     def __init__(self, meters: dict[str, Callable[[], float]], t0: float, t1: float, min_requests: int = 0):
         self.meters, self.t0, self.t1, self.min_requests = meters, t0, t1, min_requests
-        self.answered, self.end = 0, None
+        self.answered, self.failed, self.end = 0, 0, None
         self.closed = asyncio.Event()
         self._start: dict[str, float] | None = None
         self._used: dict[str, float] = {}
@@ -303,11 +305,14 @@ class _Window:
             self._start = {name: read() for name, read in self.meters.items()}
 
     def count(self, sample: Sample) -> None:
-        if self.end is None and sample.end >= self.t0 and sample.error is None:
-            self.answered += 1
+        if self.end is None and sample.end >= self.t0:
+            if sample.error is None:
+                self.answered += 1
+            else:
+                self.failed += 1
 
     def should_close(self, now: float) -> bool:
-        if self.end is None and now >= self.t1 and self.answered >= self.min_requests:
+        if self.end is None and now >= self.t1 and max(self.answered, self.failed) >= self.min_requests:
             self._open()
             self.end = now
             self._used = {name: read() - self._start[name] for name, read in self.meters.items()}

@@ -42,7 +42,17 @@ class ApiState:
 
     @property
     def ready(self) -> bool:
-        return self.engine is not None and self.engine.engine_alive and self.draining_since is None and not self.stalled
+        return self.readiness() == "ready"
+
+    def readiness(self) -> str:
+        """'ready', or why not: 'starting', 'dead', 'draining' or 'stalled' (each checked once)."""
+        if self.engine is None:
+            return "starting"
+        if not self.engine.engine_alive:
+            return "dead"
+        if self.draining_since is not None:
+            return "draining"
+        return "stalled" if self.stalled else "ready"
 
     @property
     def stalled(self) -> bool:

@@ -317,8 +317,8 @@ async def readyz(api: ApiDep) -> JSONResponse:
     waiting while it finished no loop turn for `engine_stall_s`), not draining."""
     if not api.engine.engine_alive:
         return JSONResponse({"status": "dead"}, status_code=503)
-    status = "ready" if api.ready else "stalled" if api.stalled else "draining"
-    return JSONResponse({"status": status}, status_code=200 if api.ready else 503)
+    status = api.readiness()
+    return JSONResponse({"status": status}, status_code=200 if status == "ready" else 503)
 
 
 @health_router.get("/v2/health/live")

@@ -8,6 +8,7 @@ The server is a small raw HTTP/1.1 one, so that it can drop a connection at an e
 from __future__ import annotations
 
 import json
+import math
 import socketserver
 import threading
 from collections.abc import Iterator
@@ -92,3 +93,14 @@ def test_a_fresh_connection_dropped_is_an_error(server):
     result = lg.closed_loop(WORK, concurrency=1, warmup_s=0, measure_s=0.2)
     assert result.samples and {s.error for s in result.samples} == {"ServerDisconnectedError"}
     assert server.connections == server.dropped == len(result.samples)
+
+
+@pytest.mark.parametrize("server", [0], indirect=True)
+def test_a_server_that_only_fails_ends_the_run_after_as_many_failures(server):
+    """Waiting for ``min_requests`` answers from a server that never answers would never end: the
+    window closes once as many requests have failed, and the errors are in the summary."""
+    lg = LoadGenerator(f"http://127.0.0.1:{server.server_address[1]}", timeout_s=30)
+    result = lg.closed_loop(WORK, concurrency=2, warmup_s=0, measure_s=0, min_requests=5)
+    summary = result.summary(num_stages=2)
+    assert summary["errors"]["ServerDisconnectedError"] >= 5 and summary["requests"] == 0
+    assert math.isnan(summary["accuracy"])  # nothing answered, nothing scored
