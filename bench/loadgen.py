@@ -76,6 +76,7 @@ class Sample:
     error: str | None = None
     thresholds: list[float] = field(default_factory=list)  # effective threshold per image (ours only)
     degraded: int = 0  # images the latency SLO answered early (ours only)
+    server_s: float | None = None  # the server's own total_ms for a single image (ours only)
 
 
 @dataclass
@@ -117,6 +118,16 @@ class RunResult:
         if stages and num_stages:
             out["exit_share"] = [stages.count(k) / len(stages) for k in range(num_stages)]
             out["gmacs_per_image"] = sum(s.gmacs for s in ok) / len(stages)
+            # single-image requests by the stage they left at: whether a tail is the images that go on
+            by_stage = {k: sorted(s.end - s.start for s in ok if s.exit_stages == [k] and t0 <= s.start <= t1)
+                        for k in range(num_stages)}  # fmt: skip
+            server = sorted(s.server_s for s in ok if s.server_s is not None and t0 <= s.start <= t1)
+            if server:  # from the handler's start to its answer: what the client's own delays are not in
+                out["server_latency_ms"] = {f"p{q}": 1000 * percentile(server, q) for q in (50, 99)}
+            out["latency_ms_by_exit_stage"] = {
+                str(k): {"requests": len(v), "p50": 1000 * percentile(v, 50), "p99": 1000 * percentile(v, 99)}
+                for k, v in by_stage.items() if v
+            }
         thresholds = [t for s in ok for t in s.thresholds]
         if thresholds:
             out["mean_threshold"] = sum(thresholds) / len(thresholds)
@@ -191,7 +202,9 @@ class LoadGenerator:
             break
         thresholds = [a["threshold"] for a in answers if "degraded" in a]  # ours, with issue #18's fields
         degraded = sum(bool(a.get("degraded")) for a in answers)
-        return Sample(start, time.perf_counter(), len(labels), correct, stages, gmacs, error, thresholds, degraded)
+        server_s = answers[0]["timings"]["total_ms"] / 1000 if len(answers) == 1 and "timings" in answers[0] else None
+        return Sample(start, time.perf_counter(), len(labels), correct, stages, gmacs, error, thresholds, degraded,
+                      server_s)  # fmt: skip
 
     async def _drain(self, tasks: set[asyncio.Task]) -> int:
         """Wait up to ``drain_s`` for requests still in flight, cancel the rest; how many were cancelled."""

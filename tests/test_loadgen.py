@@ -84,6 +84,9 @@ def test_a_stale_keep_alive_connection_is_retried_once(server):
     assert summary["requests"] >= 6 and len(result.samples) == summary["requests"]
     assert server.dropped >= 5  # the retry path ran, and every retried request was answered
     assert 0 < summary["accuracy"] < 100 and summary["exit_share"] == [1.0, 0.0]
+    by_stage = summary["latency_ms_by_exit_stage"]  # every answer left at stage 0
+    assert list(by_stage) == ["0"] and by_stage["0"]["requests"] == summary["requests"]
+    assert by_stage["0"]["p50"] <= by_stage["0"]["p99"]
 
 
 @pytest.mark.parametrize("server", [0], indirect=True)
