@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from model.thinkingvit import ThinkingViTConfig
+from model.config import ThinkingViTConfig
 
 
 def stage_macs(cfg: ThinkingViTConfig, stage: int) -> int:

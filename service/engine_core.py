@@ -322,6 +322,13 @@ def sub_plan(plan: SchedulePlan, members: Sequence[int]) -> SchedulePlan:
     )
 
 
+def _on_gpu(device: str) -> bool:
+    """Whether the ``device`` setting means a GPU here ('auto': CUDA when present)."""
+    import torch
+
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+
+
 def _is_out_of_memory(error: BaseException) -> bool:
     import torch
 
@@ -339,8 +346,12 @@ def load_hooks(spec: str | None) -> EngineHooks | None:
     return getattr(importlib.import_module(module), name)()
 
 
-def serve_engine_core(settings, address: str, published, ready_conn, cpus, threads: int) -> None:
+def serve_engine_core(settings, address: str, published, ready_conn) -> None:
     """Process entry: load and warm up, say so on ``ready_conn``, then loop until ``Shutdown``.
+
+    The engine core makes the server's CPU plan (``processes.plan_cpus``), as only it knows whether
+    its device is a GPU without the launcher loading torch: it confines itself to its cores and
+    threads and sends the plan with its ready message, for the launcher to place the API servers.
 
     ``published`` is shared memory the API servers read before decoding: ``[0]`` the number of
     requests waiting in all queues, so overload is refused without spending a decode on it; ``[1]``
@@ -351,11 +362,14 @@ def serve_engine_core(settings, address: str, published, ready_conn, cpus, threa
     """
     from service import processes
 
-    processes.become_child("engine-core", cpus)
+    processes.become_child("engine-core")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides when the engine stops
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        core, served = build_engine_core(settings, threads)
+        cpus = processes.plan_cpus(settings.auto_or("api_servers"), settings.auto_or("engine_threads"),
+                                   settings.cpu_affinity, gpu=_on_gpu(settings.device))  # fmt: skip
+        processes.confine(cpus.engine_cpus)
+        core, served = build_engine_core(settings, cpus.engine_threads)
     except Exception as e:
         log.exception("the engine core could not start")
         ready_conn.send(("failed", f"{type(e).__name__}: {e}"))
@@ -364,7 +378,7 @@ def serve_engine_core(settings, address: str, published, ready_conn, cpus, threa
     sock = context.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.bind(address)
-    ready_conn.send(("ready", served, str(core.runner.device)))
+    ready_conn.send(("ready", served, str(core.runner.device), cpus))
     ready_conn.close()
     try:
         _loop(core, sock, published)

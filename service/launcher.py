@@ -49,8 +49,6 @@ def listening_socket(settings) -> socket.socket:
 
 class Launcher:
     def __init__(self, settings):
-        from service.processes import plan_cpus
-
         self.settings = settings
         self.context = multiprocessing.get_context("spawn")  # fork is unsafe with threads and CUDA
         self.run_dir = tempfile.mkdtemp(prefix="thinkingvit-")
@@ -61,9 +59,7 @@ class Launcher:
         # [0] engine queue depth, [1] its heartbeat (time.monotonic of its last loop turn), [2] the
         # requests it held then: what the API servers' readiness reads (service.engine_client)
         self.published = self.context.Array("d", 3, lock=False)
-        gpu = settings.device.startswith("cuda") or (settings.device == "auto" and _cuda_present())
-        self.cpus = plan_cpus(settings.auto_or("api_servers"), settings.auto_or("engine_threads"),
-                              settings.cpu_affinity, gpu)  # fmt: skip
+        self.cpus = None  # the CPU plan, made by the engine core once it knows its device (engine_core)
         self.sock: socket.socket | None = None
         self.engine: multiprocessing.Process | None = None
         self.api_servers: dict[int, multiprocessing.Process] = {}  # by slot
@@ -96,8 +92,7 @@ class Launcher:
         receive, send = self.context.Pipe(duplex=False)
         self.engine = self.context.Process(
             target=serve_engine_core, name="thinkingvit-engine-core",
-            args=(self.settings, self.engine_address, self.published, send,
-                  self.cpus.engine_cpus, self.cpus.engine_threads),
+            args=(self.settings, self.engine_address, self.published, send),
         )  # fmt: skip
         self.engine.start()
         send.close()
@@ -112,7 +107,7 @@ class Launcher:
             log.error("the engine core could not start: %s", payload[0])
             self.engine.join()
             return False
-        self.served, self.device = payload
+        self.served, self.device, self.cpus = payload
         return True
 
     def _start_api_server(self, slot: int) -> None:
@@ -242,12 +237,6 @@ def _mark_dead(pid: int) -> None:
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(pid)
-
-
-def _cuda_present() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def run_server(settings) -> int:

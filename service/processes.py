@@ -2,7 +2,8 @@
 
 On a small CPU machine the model's compute threads and the HTTP process fight over the same cores
 unless each is confined (measured in docs/benchmarks.md); ``plan_cpus`` decides the split once, in
-one place, for the launcher to apply to each child.
+one place: the engine core calls it once it knows its device, confines itself, and hands the plan
+to the launcher, which places the API servers by it.
 """
 
 from __future__ import annotations
@@ -68,9 +69,14 @@ def become_child(role: str, cpus: frozenset[int] | None = None) -> None:
     launcher = multiprocessing.parent_process()
     if launcher is not None and os.getppid() != launcher.pid:  # it died before prctl took effect
         os._exit(1)
+    confine(cpus)
+
+
+def confine(cpus: frozenset[int] | None) -> None:
+    """Run this process on ``cpus`` only (None: wherever the OS likes)."""
     if cpus:
         os.sched_setaffinity(0, cpus)
-    log.debug("%s %d on cpus %s", role, os.getpid(), sorted(os.sched_getaffinity(0)))
+    log.debug("process %d on cpus %s", os.getpid(), sorted(os.sched_getaffinity(0)))
 
 
 def freeze_startup_heap() -> None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from model.calibration import cheapest_row
-from model.checkpoint import LoadedCheckpoint
 from model.compute import cumulative_gmacs, stage_gmacs
+from model.config import ThinkingViTConfig
 from model.preprocess import Preprocess
-from model.thinkingvit import ThinkingViTConfig
+
+if TYPE_CHECKING:  # the API servers hold a ServedModel and never load torch
+    from model.checkpoint import LoadedCheckpoint
 
 
 UNKNOWN_DOMAIN = (

@@ -11,8 +11,8 @@ from torch.utils._pytree import tree_flatten
 
 from model.compute import cumulative_gmacs, expected_gmacs, stage_gmacs
 from model.inference import adaptive_inference
+from model.config import PRESETS
 from model.thinkingvit import (
-    PRESETS,
     ThinkingViT,
     ThinkingViTConfig,
     confidence,

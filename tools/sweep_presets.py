@@ -14,8 +14,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from model import thinkingvit
-from model.thinkingvit import ThinkingViTConfig
+from model import config as model_config
+from model.config import ThinkingViTConfig
 
 FMNIST = ThinkingViTConfig(img_size=28, patch_size=4, in_chans=1, num_classes=10, depth=6, head_dim=16, stages=(3, 6))
 CANDIDATES: dict[str, tuple[ThinkingViTConfig, dict]] = {
@@ -35,7 +35,7 @@ def run_one(name: str, out: Path, device: str, threads: int, data_dir: str | Non
     from model.train import TrainSettings, train
 
     config, overrides = CANDIDATES[name]
-    thinkingvit.PRESETS[name] = config
+    model_config.PRESETS[name] = config
     root = data_dir or FASHION_MNIST_DIR
     settings = TrainSettings(preset=name, threads=threads, **overrides)
     summary = train(settings, load_fashion_mnist("train", root), load_fashion_mnist("test", root), FASHION_MNIST,
