@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 
@@ -116,3 +117,23 @@ def test_engine_death_reaches_batch_items_as_503(start_server, probe, test_image
         os.kill(server.children()["engine-core"], signal.SIGKILL)
         assert item_statuses(batch.result()) == [503, 503]
     assert server.process.wait(60) == EXIT_ENGINE_DIED
+
+
+def test_only_the_engine_loads_torch_and_each_process_runs_where_the_plan_puts_it(start_server):
+    """The engine core makes the CPU plan (it alone loads torch, so it alone knows whether it has a
+    GPU) and the launcher places the API servers by it; the launcher and the API servers never load
+    torch (each would take about 2 s and 180 MB more)."""
+    from service.processes import available_cpus, plan_cpus
+
+    server = start_server()
+    children = server.children()
+
+    def maps_torch(pid: int) -> bool:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+    assert maps_torch(children["engine-core"])
+    assert not maps_torch(server.process.pid) and not maps_torch(children["api-server-0"])
+    plan = plan_cpus(1, None, pin=True, gpu=False)  # what start_server asks for, on this machine
+    everywhere = set(available_cpus())
+    assert os.sched_getaffinity(children["engine-core"]) == (plan.engine_cpus or everywhere)
+    assert os.sched_getaffinity(children["api-server-0"]) == (plan.api_cpus or everywhere)
