@@ -210,13 +210,21 @@ def thread_options(ctx: Context, workers: int = 1) -> list[int]:
 
 
 def ours_spec(ctx: Context, threads: int) -> SystemSpec:
+    """Our server with ``threads`` torch threads in its engine core on a CPU: the engine sets its
+    own count (``engine_threads``), so OMP_NUM_THREADS alone would not change it. On a GPU the
+    engine keeps its own default."""
     from service.settings import Settings
 
     flags = ["--checkpoint", str(ctx.checkpoint), "--device", ctx.device, "--log-level", "warning"]
+    on_cpu = ctx.device.startswith("cpu")
+    if on_cpu:
+        flags += ["--engine-threads", str(threads)]
     extra = shlex.split(ctx.args.serve_args or "")
     defaults = {name: info.default for name, info in Settings.model_fields.items() if name not in ("host", "port")}
     recorded = {**defaults, "checkpoint": _shown_path(ctx.checkpoint), "device": ctx.device,
                 "log_level": "warning", "extra_flags": extra}  # fmt: skip
+    if on_cpu:
+        recorded["engine_threads"] = threads
     return SystemSpec(
         f"ours-t{threads}", python_command("-m", "service.cli", "serve", *flags, *extra), "/readyz",
         {"system": "thinkingvit serve (this repo)", "torch_threads": threads, **recorded}, server_env(threads),
