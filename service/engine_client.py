@@ -4,8 +4,9 @@ One DEALER socket per API server process, on the event loop (no thread hop): ``c
 header and the image frame and awaits a future; the loop's reader on the socket's file descriptor
 receives every answer and resolves the future it belongs to. The hot path uses the socket's plain,
 non-blocking calls: pyzmq's asyncio wrappers made a future, an enum check and a deferred event
-check for every send and receive, about 15 % of an API server's CPU under load (py-spy). A request that times out or whose client goes away sends an ``Abort``, so the
-engine never computes it (or stops it after the running stage).
+check for every send and receive, about 15 % of an API server's CPU under load (py-spy). A
+request that times out or whose client goes away sends an ``Abort``, so the engine never
+computes it (or stops it after the running stage).
 
 If the engine process dies, the socket's monitor reports the disconnection at once: every waiting
 request fails with ``ENGINE_GONE`` (the edge answers 503), later ones are refused, and the health
