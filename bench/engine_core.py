@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     results["goals"] = {
         "ours_at_elastic_over_litserve": ratio(high, results["litserve"]["images_per_s"]),
         "ours_at_elastic_over_fastapi": ratio(high, results["fastapi"]["images_per_s"]),
-        **{name: spread["median"] for name, spread in per_round.items()},
+        **{name: figures["median"] for name, figures in per_round.items()},
         "p99_over_p50_at_70_percent_open_loop": results["open_loop_70"]["p99_over_p50"],
     }  # fmt: skip
     results["goals_per_round"] = per_round

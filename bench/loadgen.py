@@ -118,10 +118,10 @@ class RunResult:
         if stages and num_stages:
             out["exit_share"] = [stages.count(k) / len(stages) for k in range(num_stages)]
             out["gmacs_per_image"] = sum(s.gmacs for s in ok) / len(stages)
+            started = [s for s in ok if t0 <= s.start <= t1]  # sent and answered inside the window
             # single-image requests by the stage they left at: whether a tail is the images that go on
-            by_stage = {k: sorted(s.end - s.start for s in ok if s.exit_stages == [k] and t0 <= s.start <= t1)
-                        for k in range(num_stages)}  # fmt: skip
-            server = sorted(s.server_s for s in ok if s.server_s is not None and t0 <= s.start <= t1)
+            by_stage = {k: sorted(s.end - s.start for s in started if s.exit_stages == [k]) for k in range(num_stages)}
+            server = sorted(s.server_s for s in started if s.server_s is not None)
             if server:  # from the handler's start to its answer: what the client's own delays are not in
                 out["server_latency_ms"] = {f"p{q}": 1000 * percentile(server, q) for q in (50, 99)}
             out["latency_ms_by_exit_stage"] = {

@@ -322,13 +322,6 @@ def sub_plan(plan: SchedulePlan, members: Sequence[int]) -> SchedulePlan:
     )
 
 
-def _on_gpu(device: str) -> bool:
-    """Whether the ``device`` setting means a GPU here ('auto': CUDA when present)."""
-    import torch
-
-    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-
-
 def _is_out_of_memory(error: BaseException) -> bool:
     import torch
 
@@ -366,10 +359,13 @@ def serve_engine_core(settings, address: str, published, ready_conn) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides when the engine stops
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
+        from service.runner import resolve_device
+
+        device = resolve_device(settings.device)  # the one 'auto' rule: CUDA when present
         cpus = processes.plan_cpus(settings.auto_or("api_servers"), settings.auto_or("engine_threads"),
-                                   settings.cpu_affinity, gpu=_on_gpu(settings.device))  # fmt: skip
+                                   settings.cpu_affinity, gpu=device.type == "cuda")  # fmt: skip
         processes.confine(cpus.engine_cpus)
-        core, served = build_engine_core(settings, cpus.engine_threads)
+        core, served = build_engine_core(settings, cpus.engine_threads, device)
     except Exception as e:
         log.exception("the engine core could not start")
         ready_conn.send(("failed", f"{type(e).__name__}: {e}"))
@@ -441,19 +437,19 @@ class _Intake:
                 self.shutdown = True
 
 
-def build_engine_core(settings, threads: int):
-    """Load the checkpoint, warm up every stage and wire scheduler, runner and metrics."""
+def build_engine_core(settings, threads: int, device):
+    """Load the checkpoint onto ``device`` (a torch.device), warm up every stage and wire
+    scheduler, runner and metrics."""
     import torch
 
     from model.checkpoint import load_checkpoint
     from service.metrics import EngineMetrics
-    from service.runner import StageRunner, resolve_device
+    from service.runner import StageRunner
     from service.scheduler import SchedulerConfig
     from service.served_model import ServedModel
     from service.slo import SloConfig
 
     torch.set_num_threads(threads)
-    device = resolve_device(settings.device)
     loaded = load_checkpoint(settings.checkpoint, preset=settings.preset, device=device)
     loaded.model.set_attention_backend(settings.attention_backend)
     served = ServedModel.from_checkpoint(settings.checkpoint.name, loaded)
