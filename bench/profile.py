@@ -29,7 +29,7 @@ from pathlib import Path
 from bench import wrk
 from bench.loadgen import CONTENT_TYPE, multipart
 from bench.machine import describe, write_result
-from bench.servers import SystemSpec, _tree, python_command, start
+from bench.servers import SystemSpec, process_names, python_command, start
 from bench.serving import png
 from model.data import load_fashion_mnist
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         url = f"{server.url}/classify?threshold={args.threshold:g}"
         wrk.run(url, script, 2, args.connections)
         wrk.settle(url, bodies[0], CONTENT_TYPE)
-        pids = {Path(f"/proc/{pid}/comm").read_text().strip(): pid for pid in _tree(server.process.pid)}
+        pids = {name: pid for pid, name in process_names(server.process.pid).items()}
         seconds = max(1, round(args.seconds) - 1)  # py-spy stops within wrk's run
         spies = {
             key: subprocess.Popen([spy, "record", "--rate", "250", "--duration", str(seconds), "--format", "raw",

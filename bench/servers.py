@@ -133,6 +133,18 @@ def machine_cpu_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def process_names(root: int) -> dict[int, str]:
+    """The process tree under ``root``, itself included: each live process's name (/proc/PID/comm)
+    by pid; our server names its children by role (``service.processes.become_child``)."""
+    names = {}
+    for pid in _tree(root):
+        try:
+            names[pid] = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:  # gone meanwhile
+            pass
+    return names
+
+
 def _tree(root: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():

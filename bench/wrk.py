@@ -142,13 +142,13 @@ class Point:
 
 
 def measure(server_cpu_seconds: Callable[[], float], url: str, script: Path, seconds: float, connections: int,
-            settle_body: bytes, content_type: str) -> Point:  # fmt: skip
+            settle_body: bytes, content_type: str, threads: int = 1) -> Point:  # fmt: skip
     """The bench's one throughput point: once the server is settled (``settle`` with
     ``settle_body``), a wrk run of ``seconds`` with the CPU time of the server
     (``server_cpu_seconds``: its process tree), of wrk and of the whole machine around it."""
     settle(url, settle_body, content_type)
     server, machine, wall = server_cpu_seconds(), machine_cpu_seconds(), time.monotonic()
-    result = run(url, script, seconds, connections)
+    result = run(url, script, seconds, connections, threads)
     wall = time.monotonic() - wall
     server_cores, client_cores = (server_cpu_seconds() - server) / wall, result.cpu_s / wall
     other = max(0.0, (machine_cpu_seconds() - machine) / wall - server_cores - client_cores)

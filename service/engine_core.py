@@ -63,7 +63,6 @@ class _Request:
 
     client: ClientId
     client_request_id: int
-    image: np.ndarray | None  # (C, H, W) float32 until stage 0 has run
     timeout_s: float
     confidences: list[float] = field(default_factory=list)  # one per stage run
     explain: Explain = Explain.NONE
@@ -89,6 +88,7 @@ class EngineCore:
         self._by_client: dict[tuple[ClientId, int], int] = {}  # (client, its id) -> engine id
         self._ids = itertools.count()
         self._outbox: list[tuple[ClientId, Outbound]] = []
+        self._admitted: list[tuple[int, np.ndarray]] = []  # (engine id, (C, H, W) image) not yet staged
         self.take_input: Callable[[], None] = lambda: None  # the process loop's non-blocking intake
         self._image_bytes = 4 * int(np.prod(runner.image_shape))  # float32 (C, H, W)
 
@@ -112,13 +112,22 @@ class EngineCore:
         except QueueFull as e:
             self._fail_now(client, message.request_id, FailureKind.QUEUE_FULL, f"queue full: {e}")
             return
-        array = np.frombuffer(image, dtype=np.float32).reshape(shape)  # (C, H, W), no copy
-        self.requests[request_id] = _Request(client, message.request_id, array, message.timeout_s,
+        self._admitted.append((request_id, np.frombuffer(image, dtype=np.float32).reshape(shape)))  # no copy
+        self.requests[request_id] = _Request(client, message.request_id, message.timeout_s,
                                              threshold=message.threshold, min_threshold=message.min_threshold,
                                              explain=message.explain)  # fmt: skip
         self._by_client[client, message.request_id] = request_id
         if self.hooks.on_admit:
             self.hooks.on_admit(request_id, client)
+
+    def stage_admitted(self) -> None:
+        """Hand the images admitted since the last call to the runner, all at once: on a GPU one
+        upload per intake, which runs while the device computes the batch in flight. A request
+        aborted meanwhile is left out (its release has already happened)."""
+        admitted, self._admitted = self._admitted, []
+        live = [(r, image) for r, image in admitted if r in self.requests]
+        if live:
+            self.runner.stage_images([r for r, _ in live], [image for _, image in live])
 
     def abort(self, client: ClientId, message: Abort) -> None:
         """Drop a request wherever it is; a running one is dropped when its batch ends."""
@@ -134,6 +143,7 @@ class EngineCore:
     def step(self) -> float | None:
         """Schedule and run at most one batch. Returns 0 when more work is due now, else how long
         the loop may wait for input (None: until something arrives)."""
+        self.stage_admitted()
         if self.slo is not None:
             self._apply_slo()
         plan = self.scheduler.schedule()
@@ -161,6 +171,7 @@ class EngineCore:
             "scheduled": len(self.scheduler.requests),
             "waiting": self.scheduler.num_waiting(),
             "carried": len(self.runner.carried),
+            "staged": len(self.runner.staged),
         }
 
     # ------------------------------------------------------------------ internals
@@ -182,9 +193,10 @@ class EngineCore:
         self._run_batch(plan)
 
     def _run_batch(self, plan: SchedulePlan) -> None:
-        """Run one batch and apply its exits. A batch that runs out of device memory is retried as
-        two halves (recursively); a batch of one that still does not fit, or any other exception,
-        fails only that batch's requests."""
+        """Run one batch and apply its exits. Between launching the batch and reading its result the
+        engine takes input, so on a GPU the next batch's images upload while this one computes.
+        A batch that runs out of device memory is retried as two halves (recursively); a batch of
+        one that still does not fit, or any other exception, fails only that batch's requests."""
         if not plan.request_ids:
             return
         stage, label = plan.stage, str(plan.stage)
@@ -192,10 +204,9 @@ class EngineCore:
         try:
             if self.hooks.before_batch:
                 self.hooks.before_batch(stage, plan.request_ids)
-            images = None
-            if stage == 0:
-                images = np.stack([self.requests[r].image for r in plan.request_ids])  # (B, C, H, W)
-            result = self.runner.run_stage(stage, plan.request_ids, images)
+            pending = self.runner.launch(stage, plan.request_ids)
+            self.take_input()  # while the device computes (on a CPU the batch has already run)
+            result = pending.result()
         except Exception as e:  # one batch fails, the engine keeps serving
             self._batch_raised(plan, e)
             return
@@ -210,7 +221,6 @@ class EngineCore:
             request = self.requests.get(request_id)
             if request is None:  # aborted while its batch ran
                 continue
-            request.image = None
             request.compute_s += result.compute_s
             request.confidences.append(result.confidence[i])
             if request.explain is not Explain.NONE:
@@ -427,7 +437,7 @@ class _Intake:
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
+                break
             client, message = frames[0].bytes, decode_inbound(frames[1].buffer)
             if isinstance(message, Submit):
                 self.core.submit(client, message, frames[2].buffer)
@@ -435,6 +445,7 @@ class _Intake:
                 self.core.abort(client, message)
             elif isinstance(message, Shutdown):
                 self.shutdown = True
+        self.core.stage_admitted()
 
 
 def build_engine_core(settings, threads: int, device):
@@ -460,7 +471,7 @@ def build_engine_core(settings, threads: int, device):
         max_wait_s=tuple(ms / 1000 for ms in settings.per_stage("max_wait_ms", num_stages)),
         max_queue_size=settings.max_queue_size,
     )
-    runner = StageRunner(loaded.model, device, settings.autocast)
+    runner = StageRunner(loaded.model, device, settings.autocast, staging_batch=config.max_batch_sizes[0])
     runner.warm_up(config.max_batch_sizes)
     metrics = EngineMetrics(num_stages)
     slo = None

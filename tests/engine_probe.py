@@ -26,7 +26,7 @@ import zmq
 
 ADDRESS_VARIABLE = "THINKINGVIT_TEST_PROBE"
 TIMEOUT_S = 60
-IDLE = {"requests": 0, "scheduled": 0, "waiting": 0, "carried": 0}
+IDLE = {"requests": 0, "scheduled": 0, "waiting": 0, "carried": 0, "staged": 0}
 
 
 # ----------------------------------------------------------------------------- the engine side

@@ -147,3 +147,21 @@ def test_markdown_and_plots_are_written(smoke):
     for png in ("*-smoke-curves.png", "*-smoke-thresholds.png"):
         (path,) = out.glob(png)
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gpu_run_smoke_reports_every_threshold_against_its_limit(tmp_path):
+    """``python -m bench.gpu --smoke``: the GPU run's steps on the CPU with a tiny model. JPEG uploads
+    over wrk, each threshold's batches from /metrics, and served / limit from offline timings."""
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu", "--smoke", "--out", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=SMOKE_LIMIT_S, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (path,) = tmp_path.glob("*-gpu-serving.json")
+    result = json.loads(path.read_text())
+    assert result["server"]["device"] == "cpu" and result["server"]["api_servers"] >= 1
+    assert result["jpeg"]["mean_kb"] > 0
+    rows = result["thresholds"]
+    assert {"ours@0", "ours@1"} <= set(rows)
+    for row in rows.values():
+        assert row["images_per_s"] > 0 and row["non_2xx"] == 0 and not row["socket_errors"]
+        assert finite(row["limit_images_per_s"]) and finite(row["served_over_limit"]) and row["served_over_limit"] > 0
+    assert rows["ours@0"]["sent_on"] == 0 and rows["ours@1"]["sent_on"] == 1
