@@ -52,7 +52,7 @@ COMPONENTS = {
         ("event loop, other", [""]),
     ],
     "engine_core": [
-        ("model (stage batches)", ["run_stage"]),
+        ("model (stage batches)", ["StageRunner.", "PendingStage."]),
         ("taking in requests (ZeroMQ, msgspec, scheduler)", ["_Intake"]),
         ("metrics", ["prometheus_client"]),
         ("sending answers (ZeroMQ)", ["send_multipart"]),
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--out", default="bench/results")
     args = p.parse_args(argv)
-    spy = shutil.which("py-spy")
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))  # a venv's, unactivated
     if spy is None:
         sys.exit("py-spy is not installed: pip install py-spy")
 

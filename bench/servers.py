@@ -58,6 +58,11 @@ class RunningServer:
             os.killpg(self.process.pid, signal.SIGTERM)
 
     def stop(self) -> None:
+        """SIGTERM, wait for the server's main process (SIGKILL after ``STOP_DEADLINE_S``), then
+        SIGKILL whatever of its process group outlived it. LitServe's inference worker survives its
+        server's SIGTERM: orphaned, it spun on a full core for tens of seconds, outside the next
+        system's process tree, so that system's runs counted it as "other processes" (about one of
+        the two cores in the 2026-12-03 bench, from LitServe's second tuning configuration on)."""
         if self.process.poll() is None:
             self.terminate()
             try:
@@ -65,6 +70,10 @@ class RunningServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # the group's stragglers (our server's children
+        except ProcessLookupError:  # run in sessions of their own and exit with their launcher)
+            pass
 
 
 def start(spec: SystemSpec, log_dir: Path) -> RunningServer:
