@@ -214,7 +214,10 @@ class _Timer:
 
     def seconds(self) -> float:
         """After the batch's results were read (on a GPU the end event is then complete)."""
-        return self._start.elapsed_time(self._end) / 1000 if self._cuda else self._elapsed_s
+        if not self._cuda:
+            return self._elapsed_s
+        self._end.synchronize()  # already passed: the results were copied after it on the same stream
+        return self._start.elapsed_time(self._end) / 1000
 
 
 class StagingBuffers:

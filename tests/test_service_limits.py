@@ -261,3 +261,18 @@ def test_batch_items_carry_429_500_and_504_inside_a_200(start_server, probe, tes
     assert item_statuses(batch_post(server.url, test_images[3:4], timeout_ms=50)) == [504]
     probe.resume()
     probe.wait_idle()
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_keep_alive_s(start_server):
+    """``keep_alive_s`` reaches uvicorn: a connection left idle after an answer is closed by the
+    server once it passes, not at the default 75 s (the read below would time out first)."""
+    server = start_server(keep_alive_s=1.0)
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as conn:
+        conn.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):  # the JSON body is one object
+            answer += conn.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 200")
+        assert b"connection: close" not in answer.lower(), "the answer itself keeps the connection open"
+        assert conn.recv(4096) == b"", "the server closes the idle connection (a timeout here: it did not)"
