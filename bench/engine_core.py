@@ -61,14 +61,14 @@ from model.preprocess import preprocess_image
 from service.settings import DEFAULT_CHECKPOINT
 
 
-def measure(server, url: str, script: Path, seconds: float, connections: int, body: bytes) -> dict:
-    """A short warm-up, then the measured window (``wrk.measure``)."""
-    wrk.run(url, script, 2, connections)
-    point = wrk.measure(server.cpu_seconds, url, script, seconds, connections, body, CONTENT_TYPE)
+def measure(server, url: str, script: Path, seconds: float, connections: int, body: bytes, threads: int = 1) -> dict:
+    """A short warm-up, then the measured window (``wrk.measure``; wrk with ``threads`` threads)."""
+    wrk.run(url, script, 2, connections, threads)
+    point = wrk.measure(server.cpu_seconds, url, script, seconds, connections, body, CONTENT_TYPE, threads)
     run = point.run
     return {"images_per_s": run.requests_per_s, "requests": run.requests, "non_2xx": run.http_errors,
             "socket_errors": run.socket_errors, "p50_ms": run.latency_ms["p50"], "p99_ms": run.latency_ms["p99"],
-            "busy_cores": point.server_cores, "other_cores": point.other_cores,
+            "busy_cores": point.server_cores, "client_cores": point.client_cores, "other_cores": point.other_cores,
             "cpu_ms_per_request": point.server_cpu_ms_per_request}  # fmt: skip
 
 

@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 
 from bench import wrk
-from bench.engine_core import add_offline_limits, ours_point
+from bench.engine_core import add_offline_limits, measure, ours_point
 from bench.limit import StageTimer
 from bench.loadgen import CONTENT_TYPE, multipart
 from bench.machine import describe, write_result
@@ -56,17 +56,6 @@ def jpegs(n: int, size: int, channels: int, quality: int = 90) -> list[bytes]:
         Image.fromarray(array[..., 0] if channels == 1 else array).save(buffer, format="JPEG", quality=quality)
         out.append(buffer.getvalue())
     return out
-
-
-def measure(server, url: str, script: Path, seconds: float, connections: int, threads: int, body: bytes) -> dict:
-    """A short warm-up, then the measured window (``wrk.measure``)."""
-    wrk.run(url, script, 2, connections, threads)
-    point = wrk.measure(server.cpu_seconds, url, script, seconds, connections, body, CONTENT_TYPE, threads)
-    run = point.run
-    return {"images_per_s": run.requests_per_s, "requests": run.requests, "non_2xx": run.http_errors,
-            "socket_errors": run.socket_errors, "p50_ms": run.latency_ms["p50"], "p99_ms": run.latency_ms["p99"],
-            "busy_cores": point.server_cores, "client_cores": point.client_cores,
-            "cpu_ms_per_request": point.server_cpu_ms_per_request}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
