@@ -25,18 +25,21 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
+def body_too_large(limit: int) -> Exception:
+    return invalid(413, "body_too_large", f"request body exceeds the {limit}-byte limit")
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The whole body, refused with 413 as soon as it (or its declared length) passes ``limit``."""
-    too_large = invalid(413, "body_too_large", f"request body exceeds the {limit}-byte limit")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise too_large
+        raise body_too_large(limit)
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise too_large
+                raise body_too_large(limit)
             chunks.append(chunk)
     except ClientDisconnect:  # gone before the whole body arrived: cancelled, not a server error
         raise client_gone() from None
