@@ -8,7 +8,7 @@ from fastapi import Request
 from multipart import MultipartError, MultipartSegment, PushMultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
-from service.errors import client_gone, invalid
+from service.errors import ServiceError, client_gone, invalid
 from service.images import FORMATS, sniff_format
 
 MULTIPART = "multipart/form-data"
@@ -25,7 +25,7 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-def body_too_large(limit: int) -> Exception:
+def body_too_large(limit: int) -> ServiceError:
     return invalid(413, "body_too_large", f"request body exceeds the {limit}-byte limit")
 
 
