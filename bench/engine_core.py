@@ -69,6 +69,7 @@ def measure(server, url: str, script: Path, seconds: float, connections: int, bo
     return {"images_per_s": run.requests_per_s, "requests": run.requests, "non_2xx": run.http_errors,
             "socket_errors": run.socket_errors, "p50_ms": run.latency_ms["p50"], "p99_ms": run.latency_ms["p99"],
             "busy_cores": point.server_cores, "client_cores": point.client_cores, "other_cores": point.other_cores,
+            "steal_cores": point.steal_cores,
             "cpu_ms_per_request": point.server_cpu_ms_per_request}  # fmt: skip
 
 

@@ -136,10 +136,21 @@ def python_command(*args: str) -> list[str]:
 
 
 def machine_cpu_seconds() -> float:
-    """Busy CPU seconds of the whole machine since boot, summed over cores (/proc/stat)."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    """Busy CPU seconds of the whole machine since boot, summed over cores (/proc/stat), CPU steal
+    included: time the VM's host gave to someone else is time no process here got."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = _proc_stat_cpu()
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_steal_seconds() -> float:
+    """CPU steal since boot, summed over cores: the share of "other" that is the VM's host."""
+    return _proc_stat_cpu()[7] / os.sysconf("SC_CLK_TCK")
+
+
+def _proc_stat_cpu() -> list[int]:
+    """The first eight fields of /proc/stat's ``cpu`` line: user, nice, system, idle, iowait, irq,
+    softirq, steal (clock ticks)."""
+    return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
 
 
 def process_names(root: int) -> dict[int, str]:

@@ -317,7 +317,8 @@ def throughput(server: RunningServer, requests: Requests, query: str, concurrenc
                         CONTENT_TYPE)  # fmt: skip
     run = point.run
     if point.other_cores > OTHER_LOAD_WARNING:
-        log.warning("  other processes used %.2f cores during this run: its figures are disturbed", point.other_cores)
+        log.warning("  other processes used %.2f cores during this run (%.2f of them CPU steal): its figures are "
+                    "disturbed", point.other_cores, point.steal_cores)  # fmt: skip
     errors = {"http >= 400": run.http_errors} if run.http_errors else {}
     return {
         "concurrency": concurrency, "client": "wrk", "requests": run.requests, "images": run.requests * requests.images,
@@ -325,7 +326,7 @@ def throughput(server: RunningServer, requests: Requests, query: str, concurrenc
         "images_per_s": run.requests_per_s * requests.images, "latency_ms": run.latency_ms,
         "errors": errors | {f"socket {k}": n for k, n in run.socket_errors.items()},
         "server_cpu_cores": point.server_cores, "client_cpu_cores": point.client_cores,
-        "other_cpu_cores": point.other_cores,
+        "other_cpu_cores": point.other_cores, "steal_cpu_cores": point.steal_cores,
     }  # fmt: skip
 
 

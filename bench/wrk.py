@@ -26,7 +26,7 @@ from string import Template
 
 import httpx
 
-from bench.servers import machine_cpu_seconds
+from bench.servers import machine_cpu_seconds, machine_steal_seconds
 
 MISSING = "wrk is not installed: apt-get install wrk (scripts/install test installs it)"
 MARK = "WRK_JSON "
@@ -134,6 +134,7 @@ class Point:
     server_cores: float  # the measured server's process tree
     client_cores: float  # wrk
     other_cores: float  # everything else on the machine (other processes, CPU steal)
+    steal_cores: float = 0.0  # of which CPU steal: the VM's host running someone else
 
     @property
     def server_cpu_ms_per_request(self) -> float | None:
@@ -147,12 +148,12 @@ def measure(server_cpu_seconds: Callable[[], float], url: str, script: Path, sec
     ``settle_body``), a wrk run of ``seconds`` with the CPU time of the server
     (``server_cpu_seconds``: its process tree), of wrk and of the whole machine around it."""
     settle(url, settle_body, content_type)
-    server, machine, wall = server_cpu_seconds(), machine_cpu_seconds(), time.monotonic()
+    server, machine, steal, wall = server_cpu_seconds(), machine_cpu_seconds(), machine_steal_seconds(), time.monotonic()
     result = run(url, script, seconds, connections, threads)
     wall = time.monotonic() - wall
     server_cores, client_cores = (server_cpu_seconds() - server) / wall, result.cpu_s / wall
     other = max(0.0, (machine_cpu_seconds() - machine) / wall - server_cores - client_cores)
-    return Point(result, server_cores, client_cores, other)
+    return Point(result, server_cores, client_cores, other, (machine_steal_seconds() - steal) / wall)
 
 
 def settle(url: str, body: bytes, content_type: str, timeout_s: float = 60.0) -> None:

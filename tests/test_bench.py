@@ -55,6 +55,7 @@ def check_run(run: dict) -> None:
 def check_point(point: dict) -> None:
     """A closed-loop throughput point: measured by wrk (wrk's own CPU time is the client's)."""
     assert point["client"] == "wrk"
+    assert finite(point["steal_cpu_cores"]) and point["steal_cpu_cores"] >= 0
     check_run(point)
 
 
