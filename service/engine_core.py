@@ -205,9 +205,13 @@ class EngineCore:
             if self.hooks.before_batch:
                 self.hooks.before_batch(stage, plan.request_ids)
             pending = self.runner.launch(stage, plan.request_ids)
-            self.take_input()  # while the device computes (on a CPU the batch has already run)
-            result = pending.result()
         except Exception as e:  # one batch fails, the engine keeps serving
+            self._batch_raised(plan, e)
+            return
+        self.take_input()  # while the device computes (on a CPU the batch has already run)
+        try:
+            result = pending.result()
+        except Exception as e:  # e.g. a CUDA error raised when the results are read
             self._batch_raised(plan, e)
             return
         self.metrics.stage_compute.labels(label).observe(result.compute_s)
