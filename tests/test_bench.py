@@ -166,3 +166,28 @@ def test_gpu_run_smoke_reports_every_threshold_against_its_limit(tmp_path):
         assert row["images_per_s"] > 0 and row["non_2xx"] == 0 and not row["socket_errors"]
         assert finite(row["limit_images_per_s"]) and finite(row["served_over_limit"]) and row["served_over_limit"] > 0
     assert rows["ours@0"]["sent_on"] == 0 and rows["ours@1"]["sent_on"] == 1
+
+
+def test_engine_core_run_smoke_reports_every_goal_per_round(tmp_path):
+    """``python -m bench.engine_core`` at tiny counts (one round, one-second points): ours, the floor,
+    LitServe and plain FastAPI all measured, and each goal, the open loop's p99 / p50 included, taken
+    per round."""
+    proc = subprocess.run([sys.executable, "-m", "bench.engine_core", "--seconds", "1", "--repeats", "1", "--images",
+                           "16", "--connections", "8", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=SMOKE_LIMIT_S, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (path,) = tmp_path.glob("*-engine-core.json")
+    result = json.loads(path.read_text())
+    elastic = result["elastic_threshold"]
+    for system in ("ours@0", f"ours@{elastic:g}", "ours@1", "floor", "litserve", "fastapi"):
+        assert result[system]["images_per_s"] > 0 and result[system]["non_2xx"] == 0, system
+        assert finite(result[system]["steal_cores"])
+    (round_,) = result["rounds"]
+    loop = round_["open_loop_70"]
+    assert loop["rate"] > 0 and not loop["errors"] and finite(loop["p99_over_p50"]) and loop["p99_over_p50"] >= 1
+    assert set(result["goals_per_round"]) <= set(result["goals"])
+    for name, value in result["goals"].items():
+        assert finite(value), name  # the front-end figures are differences: any sign at tiny counts
+    for name in ("ours_at_elastic_over_litserve", "ours_at_elastic_over_fastapi", "elastic_gain", "analytic_ratio"):
+        assert result["goals"][name] > 0, name
+    assert result["goals"]["p99_over_p50_at_70_percent_open_loop"] == loop["p99_over_p50"]
