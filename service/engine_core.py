@@ -121,9 +121,10 @@ class EngineCore:
             self.hooks.on_admit(request_id, client)
 
     def stage_admitted(self) -> None:
-        """Hand the images admitted since the last call to the runner, all at once: on a GPU one
-        upload per intake, which runs while the device computes the batch in flight. A request
-        aborted meanwhile is left out (its release has already happened)."""
+        """Hand the images admitted since the last call to the runner, all at once (on a GPU one
+        upload): before each batch is planned, and after the intake during a batch, whose upload
+        then runs while the device computes. A request aborted meanwhile is left out (its release
+        has already happened)."""
         admitted, self._admitted = self._admitted, []
         live = [(r, image) for r, image in admitted if r in self.requests]
         if live:
@@ -209,6 +210,7 @@ class EngineCore:
             self._batch_raised(plan, e)
             return
         self.take_input()  # while the device computes (on a CPU the batch has already run)
+        self.stage_admitted()  # on a GPU their upload overlaps this batch too
         try:
             result = pending.result()
         except Exception as e:  # e.g. a CUDA error raised when the results are read
@@ -441,7 +443,7 @@ class _Intake:
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                break
+                return
             client, message = frames[0].bytes, decode_inbound(frames[1].buffer)
             if isinstance(message, Submit):
                 self.core.submit(client, message, frames[2].buffer)
@@ -449,7 +451,6 @@ class _Intake:
                 self.core.abort(client, message)
             elif isinstance(message, Shutdown):
                 self.shutdown = True
-        self.core.stage_admitted()
 
 
 def build_engine_core(settings, threads: int, device):

@@ -89,21 +89,22 @@ class StageRunner:
             on_device, uploaded = self._staging.upload(images[start : start + self._staging.batch])
             self.staged.update((r, Staged(on_device[i], uploaded)) for i, r in enumerate(ids))
 
-    def launch(self, stage: int, request_ids: Sequence[int], images: np.ndarray | None = None) -> PendingStage:
-        """Start one stage on one batch: stage 0 reads the staged images of ``request_ids`` (or
-        stages ``images`` (B, C, H, W) first), later stages their carried tokens. On a GPU this
-        returns once the work is queued on the device; ``PendingStage.result`` waits for it. The
-        batch's outputs then wait for ``carry()``; if the batch raises, the staged images and carried
-        tokens it read stay, so the caller can retry or release them.
+    def launch(self, stage: int, request_ids: Sequence[int]) -> PendingStage:
+        """Start one stage on one batch: stage 0 reads the staged images of ``request_ids``, later
+        stages their carried tokens. On a GPU this returns once the work is queued on the device;
+        ``PendingStage.result`` waits for it. The batch's outputs then wait for ``carry()``; if the
+        batch raises, the staged images and carried tokens it read stay, so the caller can retry or
+        release them.
         """
-        if images is not None:
-            self.stage_images(request_ids, list(images))
-        with self._out_of_memory_frees_the_cache():
+        with _out_of_memory_frees_the_cache(self.device):
             return self._launch(stage, request_ids)
 
     def run_stage(self, stage: int, request_ids: Sequence[int], images: np.ndarray | None = None) -> StageResult:
-        """``launch`` and wait for the result: one stage on one batch, nothing overlapped."""
-        return self.launch(stage, request_ids, images).result()
+        """One stage on one batch, nothing overlapped: ``images`` (B, C, H, W), if given, staged
+        first, then ``launch`` and its result (warm-up, tests)."""
+        if images is not None:
+            self.stage_images(request_ids, list(images))
+        return self.launch(stage, request_ids).result()
 
     def carry(self, moved_on: Sequence[int]) -> None:
         """After the scheduler's decision on the last batch: keep the tokens of the requests that go
@@ -150,7 +151,7 @@ class StageRunner:
             probs = logits.float().softmax(-1)  # (B, classes)
         timer.stop()
         self._outputs = (list(request_ids), embedded, tokens)
-        return PendingStage(self, conf, probs, timer)
+        return PendingStage(self.device, conf, probs, timer)
 
     def _stage_inputs(self, stage, request_ids):
         if stage == 0:
@@ -167,29 +168,32 @@ class StageRunner:
         embedded = torch.stack([c.embedded for c in carried])  # (B, N, D)
         return embedded, torch.stack([c.tokens for c in carried])  # (B, N, d_{s-1})
 
-    @contextlib.contextmanager
-    def _out_of_memory_frees_the_cache(self):
-        try:
-            yield
-        except torch.OutOfMemoryError:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()  # give the caching allocator's blocks back before a retry
-            raise
-
     def _autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
 
+@contextlib.contextmanager
+def _out_of_memory_frees_the_cache(device: torch.device):
+    """Re-raise a ``torch.OutOfMemoryError`` after giving CUDA's cached blocks back, so the
+    engine's retry in halves starts from an emptied cache."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise
+
+
 class PendingStage:
     """A launched batch: ``result()`` waits for the device, once."""
 
-    def __init__(self, runner: StageRunner, conf: torch.Tensor, probs: torch.Tensor, timer: _Timer):
-        self._runner, self._conf, self._probs, self._timer = runner, conf, probs, timer
+    def __init__(self, device: torch.device, conf: torch.Tensor, probs: torch.Tensor, timer: _Timer):
+        self._device, self._conf, self._probs, self._timer = device, conf, probs, timer
 
     def result(self) -> StageResult:
-        with self._runner._out_of_memory_frees_the_cache():
+        with _out_of_memory_frees_the_cache(self._device):
             conf_list, probs_array = self._conf.tolist(), self._probs.cpu().numpy()  # waits for the device
         return StageResult(conf_list, probs_array, self._timer.seconds())
 
