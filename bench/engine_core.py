@@ -61,9 +61,12 @@ from model.preprocess import preprocess_image
 from service.settings import DEFAULT_CHECKPOINT
 
 
-def measure(server, url: str, script: Path, seconds: float, connections: int, body: bytes, threads: int = 1) -> dict:
-    """A short warm-up, then the measured window (``wrk.measure``; wrk with ``threads`` threads)."""
-    wrk.run(url, script, 2, connections, threads)
+def measure(server, url: str, script: Path, seconds: float, connections: int, body: bytes, threads: int = 1,
+            warmup_s: float = 2.0) -> dict:  # fmt: skip
+    """A warm-up of ``warmup_s`` (none at 0), then the measured window (``wrk.measure``; wrk with
+    ``threads`` threads)."""
+    if warmup_s > 0:
+        wrk.run(url, script, warmup_s, connections, threads)
     point = wrk.measure(server.cpu_seconds, url, script, seconds, connections, body, CONTENT_TYPE, threads)
     run = point.run
     return {"images_per_s": run.requests_per_s, "requests": run.requests, "non_2xx": run.http_errors,
@@ -134,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=8.0)
     p.add_argument("--repeats", type=int, default=3, help="rounds of ours at 0 / elastic / 1 and the floor")
     p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--warmup-s", type=float, default=2.0, help="unmeasured wrk before each point (0: none)")
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--fastapi-threads", type=int, default=1, help="torch threads of the plain FastAPI peer")
     p.add_argument("--out", default="bench/results")
@@ -147,11 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="thinkingvit-bench-"))
     bodies = [multipart([data], "file") for data in pngs]
     script = wrk.write_script(bodies, CONTENT_TYPE, work)
-    point = partial(measure, script=script, seconds=args.seconds, connections=args.connections, body=bodies[0])
+    point = partial(measure, script=script, seconds=args.seconds, connections=args.connections, body=bodies[0],
+                    warmup_s=args.warmup_s)  # fmt: skip
     results: dict = {"date": datetime.now(UTC).isoformat(timespec="minutes"), "elastic_threshold": elastic,
                      "repeats": args.repeats,
                      "wrk": {"version": wrk.version(), "threads": 1, "connections": args.connections,
-                             "seconds": wrk.whole_seconds(args.seconds)}}  # fmt: skip
+                             "seconds": wrk.whole_seconds(args.seconds), "warmup_s": args.warmup_s}}  # fmt: skip
     keys = ("ours@0", f"ours@{elastic:g}", "ours@1", "floor")
     rounds: list[dict[str, dict]] = []
 

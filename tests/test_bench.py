@@ -169,11 +169,11 @@ def test_gpu_run_smoke_reports_every_threshold_against_its_limit(tmp_path):
 
 
 def test_engine_core_run_smoke_reports_every_goal_per_round(tmp_path):
-    """``python -m bench.engine_core`` at tiny counts (one round, one-second points): ours, the floor,
+    """``python -m bench.engine_core`` at tiny counts (one round, one-second points, no warm-up): ours, the floor,
     LitServe and plain FastAPI all measured, and each goal, the open loop's p99 / p50 included, taken
     per round."""
-    proc = subprocess.run([sys.executable, "-m", "bench.engine_core", "--seconds", "1", "--repeats", "1", "--images",
-                           "16", "--connections", "8", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "bench.engine_core", "--seconds", "1", "--warmup-s", "0", "--repeats",
+                           "1", "--images", "16", "--connections", "8", "--out", str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=SMOKE_LIMIT_S, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     (path,) = tmp_path.glob("*-engine-core.json")
