@@ -14,13 +14,15 @@ the caller.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import itertools
 import json
 import math
 import random
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -219,7 +221,8 @@ class LoadGenerator:
     def closed_loop(
         self, work: Workload, concurrency: int, warmup_s: float, measure_s: float, min_requests: int = 0
     ) -> RunResult:
-        return asyncio.run(self._closed_loop(work, concurrency, warmup_s, measure_s, min_requests))
+        with collector_paused():
+            return asyncio.run(self._closed_loop(work, concurrency, warmup_s, measure_s, min_requests))
 
     async def _closed_loop(self, work, concurrency, warmup_s, measure_s, min_requests) -> RunResult:
         order, url = itertools.count(), self._url(work)
@@ -253,7 +256,8 @@ class LoadGenerator:
         min_requests: int = 0, seed: int = 0,
     ) -> RunResult:  # fmt: skip
         """Poisson arrivals at ``rate`` per second, or at ``rate(seconds since the start)`` (a load step)."""
-        return asyncio.run(self._open_loop(work, rate, warmup_s, measure_s, min_requests, seed))
+        with collector_paused():
+            return asyncio.run(self._open_loop(work, rate, warmup_s, measure_s, min_requests, seed))
 
     async def _open_loop(self, work, rate, warmup_s, measure_s, min_requests, seed) -> RunResult:
         rng = random.Random(seed)
@@ -288,6 +292,27 @@ class LoadGenerator:
             await opener
             unfinished = await self._drain(set(in_flight))
         return window.result(samples, unfinished=unfinished, dropped=dropped)
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Run without the cyclic garbage collector, then collect what the run left.
+
+    The client's own pauses count as the server's latency (an open loop's arrivals keep their
+    schedule while the client stalls), and the bench process holds torch, the model and the data:
+    a full collection walks all of it. Measured in the open loop at 70 % of the peak: the client's
+    full collections took 170-320 ms, once per 8 s run, and the run's p99 requests arrived inside
+    them (with the heap frozen instead, still 28-51 ms). Reference counting still frees everything
+    not in a cycle while the collector is off: 10,566 requests in 20 s left 518 objects in cycles
+    and 3.4 MB more peak memory."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+        gc.collect()
 
 
 async def _mark_reused(_session, context, _params) -> None:

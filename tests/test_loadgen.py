@@ -7,6 +7,7 @@ The server is a small raw HTTP/1.1 one, so that it can drop a connection at an e
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import socketserver
@@ -31,6 +32,7 @@ class DroppingServer(socketserver.ThreadingTCPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         self.answer_per_connection = answer_per_connection
         self.connections = self.dropped = 0
+        self.collector_on_while_answering: list[bool] = []  # gc.isenabled() at each answer
         self.lock = threading.Lock()
 
 
@@ -43,6 +45,7 @@ class Handler(socketserver.StreamRequestHandler):
         for _ in range(self.server.answer_per_connection):
             if not self.read_request():
                 return
+            self.server.collector_on_while_answering.append(gc.isenabled())  # the client's process too
             head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(ANSWER)}\r\n\r\n"
             self.wfile.write(head.encode() + ANSWER)
         if self.read_request():
@@ -107,3 +110,22 @@ def test_a_server_that_only_fails_ends_the_run_after_as_many_failures(server):
     summary = result.summary(num_stages=2)
     assert summary["errors"]["ServerDisconnectedError"] >= 5 and summary["requests"] == 0
     assert math.isnan(summary["accuracy"])  # nothing answered, nothing scored
+
+
+@pytest.mark.parametrize("server", [100], indirect=True)
+def test_the_collector_is_off_during_a_run_and_as_before_after_it(server):
+    """The bench process holds torch and the model, and a full collection in the client stalls
+    every arrival behind it (counted as the server's latency): no collection runs during a run,
+    and the caller's setting is back afterwards, whichever it was."""
+    lg = LoadGenerator(f"http://127.0.0.1:{server.server_address[1]}", timeout_s=30)
+    assert gc.isenabled()
+    lg.open_loop(WORK, rate=200.0, warmup_s=0, measure_s=0, min_requests=4)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        lg.closed_loop(WORK, concurrency=2, warmup_s=0, measure_s=0, min_requests=4)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    answers = server.collector_on_while_answering
+    assert len(answers) >= 8 and not any(answers)
