@@ -185,6 +185,7 @@ def test_engine_core_run_smoke_reports_every_goal_per_round(tmp_path):
     (round_,) = result["rounds"]
     loop = round_["open_loop_70"]
     assert loop["rate"] > 0 and not loop["errors"] and finite(loop["p99_over_p50"]) and loop["p99_over_p50"] >= 1
+    assert loop["busy_cores"] > 0 and loop["client_cores"] > 0 and loop["steal_cores"] >= 0
     assert set(result["goals_per_round"]) <= set(result["goals"])
     for name, value in result["goals"].items():
         assert finite(value), name  # the front-end figures are differences: any sign at tiny counts
