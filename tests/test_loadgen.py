@@ -7,6 +7,7 @@ The server is a small raw HTTP/1.1 one, so that it can drop a connection at an e
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import math
@@ -15,6 +16,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+import uvloop
 
 from bench.loadgen import LoadGenerator, Workload
 
@@ -129,3 +131,19 @@ def test_the_collector_is_off_during_a_run_and_as_before_after_it(server):
         gc.enable()
     answers = server.collector_on_while_answering
     assert len(answers) >= 8 and not any(answers)
+
+
+@pytest.mark.parametrize("server", [100], indirect=True)
+def test_runs_on_uvloop(server):
+    """The client shares the cores with the server it measures: its loop is uvloop's, the lighter
+    one (a meter is read inside the run, on its loop)."""
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    def meter() -> float:
+        loops.append(asyncio.get_running_loop())
+        return 0.0
+
+    lg = LoadGenerator(f"http://127.0.0.1:{server.server_address[1]}", meters={"probe": meter}, timeout_s=30)
+    lg.open_loop(WORK, rate=200.0, warmup_s=0, measure_s=0, min_requests=2)
+    lg.closed_loop(WORK, concurrency=1, warmup_s=0, measure_s=0, min_requests=2)
+    assert len(loops) >= 4 and all(isinstance(loop, uvloop.Loop) for loop in loops)
