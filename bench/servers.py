@@ -135,22 +135,24 @@ def python_command(*args: str) -> list[str]:
 # ------------------------------------------------------------------------------------ /proc
 
 
+def machine_busy_and_steal_seconds() -> tuple[float, float]:
+    """From one read of /proc/stat, since boot and summed over cores: the whole machine's busy CPU
+    seconds, CPU steal included (time the VM's host gave to someone else is time no process here
+    got), and the steal alone (the share of "other" that is the host)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields)
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq + steal) / tick, steal / tick
+
+
 def machine_cpu_seconds() -> float:
-    """Busy CPU seconds of the whole machine since boot, summed over cores (/proc/stat), CPU steal
-    included: time the VM's host gave to someone else is time no process here got."""
-    user, nice, system, _idle, _iowait, irq, softirq, steal = _proc_stat_cpu()
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    """Busy CPU seconds of the whole machine since boot, steal included (a load generator's meter)."""
+    return machine_busy_and_steal_seconds()[0]
 
 
 def machine_steal_seconds() -> float:
-    """CPU steal since boot, summed over cores: the share of "other" that is the VM's host."""
-    return _proc_stat_cpu()[7] / os.sysconf("SC_CLK_TCK")
-
-
-def _proc_stat_cpu() -> list[int]:
-    """The first eight fields of /proc/stat's ``cpu`` line: user, nice, system, idle, iowait, irq,
-    softirq, steal (clock ticks)."""
-    return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    """CPU steal since boot, summed over cores (a load generator's meter)."""
+    return machine_busy_and_steal_seconds()[1]
 
 
 def process_names(root: int) -> dict[int, str]:

@@ -26,7 +26,7 @@ from string import Template
 
 import httpx
 
-from bench.servers import machine_cpu_seconds, machine_steal_seconds
+from bench.servers import machine_busy_and_steal_seconds
 
 MISSING = "wrk is not installed: apt-get install wrk (scripts/install test installs it)"
 MARK = "WRK_JSON "
@@ -148,12 +148,13 @@ def measure(server_cpu_seconds: Callable[[], float], url: str, script: Path, sec
     ``settle_body``), a wrk run of ``seconds`` with the CPU time of the server
     (``server_cpu_seconds``: its process tree), of wrk and of the whole machine around it."""
     settle(url, settle_body, content_type)
-    server, machine, steal, wall = server_cpu_seconds(), machine_cpu_seconds(), machine_steal_seconds(), time.monotonic()
+    server, (machine, steal), wall = server_cpu_seconds(), machine_busy_and_steal_seconds(), time.monotonic()
     result = run(url, script, seconds, connections, threads)
     wall = time.monotonic() - wall
     server_cores, client_cores = (server_cpu_seconds() - server) / wall, result.cpu_s / wall
-    other = max(0.0, (machine_cpu_seconds() - machine) / wall - server_cores - client_cores)
-    return Point(result, server_cores, client_cores, other, (machine_steal_seconds() - steal) / wall)
+    machine_after, steal_after = machine_busy_and_steal_seconds()
+    other = max(0.0, (machine_after - machine) / wall - server_cores - client_cores)
+    return Point(result, server_cores, client_cores, other, (steal_after - steal) / wall)
 
 
 def settle(url: str, body: bytes, content_type: str, timeout_s: float = 60.0) -> None:
