@@ -272,7 +272,9 @@ def test_an_idle_keep_alive_connection_is_closed_after_keep_alive_s(start_server
         conn.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
         answer = b""
         while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):  # the JSON body is one object
-            answer += conn.recv(4096)
+            chunk = conn.recv(4096)
+            assert chunk, f"the server closed the connection before its answer was whole: {answer!r}"
+            answer += chunk
         assert answer.startswith(b"HTTP/1.1 200")
         assert b"connection: close" not in answer.lower(), "the answer itself keeps the connection open"
         assert conn.recv(4096) == b"", "the server closes the idle connection (a timeout here: it did not)"
